@@ -8,7 +8,8 @@ the fixed frame every prompt is put into:
     [<|startoftext|>, up to 75 prompt tokens, <|endoftext|>, padding ...]   (always 77 ids)
 
 Tokens past the 75th are dropped: the text encoder has only 77 positions. Words are not tokens
-("batman" is one token, "astronaut" is two), so we say which words were lost.
+("batman" is one token, "photorealistic" is two: "photo" + "realistic</w>"), so we say which
+words were lost.
 """
 
 import warnings

@@ -1,0 +1,192 @@
+"""Token ids -> text embeddings: the text tower of CLIP, which Stable Diffusion's UNet attends to.
+
+A plain pre-norm transformer, as in GPT-2: token embedding + learned position embedding, then N
+layers of (layer norm, causal self-attention, residual) and (layer norm, MLP, residual), then a
+final layer norm. Its output for all 77 positions, (B, 77, width), is the UNet's cross-attention
+context. (CLIP itself keeps only the end token's vector and projects it for image-text
+matching; Stable Diffusion uses none of that.)
+
+    SD 1.x   OpenAI CLIP ViT-L/14 text tower   width  768, 12 layers, 12 heads, quick_gelu
+    SD 2.x   OpenCLIP ViT-H/14 text tower      width 1024, 24 layers, 16 heads, gelu,
+             read at the penultimate layer (skip_last_layers=1), final layer norm still applied
+
+The module tree mirrors the SD 1.x single-file checkpoint: `TextEncoder(config).state_dict()` has
+exactly the keys stored there under `cond_stage_model.transformer.`, e.g.
+`text_model.encoder.layers.3.self_attn.q_proj.weight`. SD 2.x files store OpenCLIP's names
+(`transformer.resblocks.3.attn.in_proj_weight`, q, k and v fused); `openclip_to_clip_keys`
+renames them. `infer_text_encoder_config` reads the sizes off the tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    vocab_size: int = 49408
+    max_positions: int = 77
+    width: int = 768
+    layers: int = 12
+    heads: int = 12  # heads of 64 channels: 12 for ViT-L, 16 for ViT-H
+    mlp_width: int = 3072  # 4 * width
+    activation: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP, SD 1.x) or "gelu" (OpenCLIP, SD 2.x)
+    layer_norm_eps: float = 1e-5
+    # Which layer SD reads (SD 2.x: the penultimate) is not a property of the network but of how
+    # Stable Diffusion uses it, so it is not here: the caller passes `skip_last_layers` to forward.
+
+
+SD1_TEXT_ENCODER = TextEncoderConfig()
+# The original SD 2.x file holds all 24 layers; diffusers' SD 2.x folders drop the 24th, never read.
+SD2_TEXT_ENCODER = TextEncoderConfig(width=1024, layers=24, heads=16, mlp_width=4096, activation="gelu")
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI's cheap approximation of GELU, x * sigmoid(1.702 x). The weights were trained with it."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.heads = config.heads
+        self.q_proj = nn.Linear(config.width, config.width)
+        self.k_proj = nn.Linear(config.width, config.width)
+        self.v_proj = nn.Linear(config.width, config.width)
+        self.out_proj = nn.Linear(config.width, config.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+
+        def split_heads(t):  # (B, T, C) -> (B, heads, T, C // heads)
+            return t.view(B, T, self.heads, C // self.heads).transpose(1, 2)
+
+        q, k, v = split_heads(self.q_proj(x)), split_heads(self.k_proj(x)), split_heads(self.v_proj(x))
+        # softmax(q k^T / sqrt(head_dim)) v, each token seeing only itself and the tokens before it.
+        # No padding mask: SD lets the real tokens ignore the padding through causality alone, and
+        # the padding positions attend to the prompt, which is what the UNet was trained with.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.width, config.mlp_width)
+        self.fc2 = nn.Linear(config.mlp_width, config.width)
+        self.activation = {"quick_gelu": quick_gelu, "gelu": F.gelu}[config.activation]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.self_attn = SelfAttention(config)
+        self.layer_norm2 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        x = x + self.mlp(self.layer_norm2(x))
+        return x
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.config = config
+        # ModuleDicts (as in nanoGPT) only to reproduce the checkpoint's names, e.g. text_model.embeddings.*
+        self.text_model = nn.ModuleDict(dict(
+            embeddings=nn.ModuleDict(dict(
+                token_embedding=nn.Embedding(config.vocab_size, config.width),
+                position_embedding=nn.Embedding(config.max_positions, config.width),
+            )),
+            encoder=nn.ModuleDict(dict(layers=nn.ModuleList(EncoderLayer(config) for _ in range(config.layers)))),
+            final_layer_norm=nn.LayerNorm(config.width, eps=config.layer_norm_eps),
+        ))
+
+    def forward(self, input_ids: torch.Tensor, skip_last_layers: int = 0) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, width) embeddings, after the final layer norm.
+
+        skip_last_layers=k stops k layers before the end ("CLIP skip"): 1 reads the penultimate
+        layer, as SD 2.x always does and diffusers' `clip_skip=1` does. The final layer norm is
+        applied to whichever layer is read, as both the original SD 2.x code and diffusers do.
+        """
+        model = self.text_model
+        # Positions are always 0..T-1, so they are computed here rather than stored: SD 1.x files
+        # carry a `position_ids` tensor, which some merged checkpoints hold as damaged floats.
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = model.embeddings.token_embedding(input_ids) + model.embeddings.position_embedding(positions)
+        layers = model.encoder.layers
+        if not 0 <= skip_last_layers < len(layers):
+            raise ValueError(f"skip_last_layers must be in 0..{len(layers) - 1}, got {skip_last_layers}")
+        for layer in layers[: len(layers) - skip_last_layers]:
+            x = layer(x)
+        return model.final_layer_norm(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading SD 2.x's OpenCLIP layout, and the sizes of any layout
+
+# OpenCLIP name fragment -> our name fragment. Applied in order to every key.
+OPENCLIP_RENAMES = [
+    ("token_embedding.", "embeddings.token_embedding."),
+    ("positional_embedding", "embeddings.position_embedding.weight"),  # a bare Parameter in OpenCLIP
+    ("transformer.resblocks.", "encoder.layers."),
+    (".ln_1.", ".layer_norm1."),
+    (".ln_2.", ".layer_norm2."),
+    (".attn.out_proj.", ".self_attn.out_proj."),
+    (".mlp.c_fc.", ".mlp.fc1."),
+    (".mlp.c_proj.", ".mlp.fc2."),
+    ("ln_final.", "final_layer_norm."),
+]
+# CLIP's contrastive head (the end token's projection into the image-text space, and the softmax
+# temperature). Stable Diffusion never uses them, so they are dropped.
+OPENCLIP_UNUSED = {"text_projection", "logit_scale"}
+
+
+def openclip_to_clip_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an OpenCLIP text tower (keys without `cond_stage_model.model.`) to our key names.
+
+    OpenCLIP's attention is torch's nn.MultiheadAttention, which stores q, k and v stacked in one
+    `in_proj_weight` of shape (3 * width, width) (and one `in_proj_bias`): we cut it in thirds.
+    `text_projection` and `logit_scale` are dropped. Keys we do not know pass through renamed as
+    far as the table goes, so a strict load names them.
+    """
+    ours = {}
+    for key, tensor in state_dict.items():
+        if key in OPENCLIP_UNUSED:
+            continue
+        name = key
+        for old, new in OPENCLIP_RENAMES:
+            name = name.replace(old, new)
+        if ".attn.in_proj_" in name:  # e.g. encoder.layers.3.attn.in_proj_weight
+            layer, kind = name.split(".attn.in_proj_")  # kind: "weight" or "bias"
+            for projection, third in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+                ours[f"text_model.{layer}.self_attn.{projection}.{kind}"] = third
+        else:
+            ours["text_model." + name] = tensor
+    return ours
+
+
+def infer_text_encoder_config(state_dict: dict[str, torch.Tensor], activation: str) -> TextEncoderConfig:
+    """Read the sizes off the tensors (our key names). The activation is not visible in the weights:
+    the layout tells it (OpenAI CLIP: "quick_gelu", OpenCLIP: "gelu")."""
+    vocab_size, width = state_dict["text_model.embeddings.token_embedding.weight"].shape
+    layers = {key.split(".")[3] for key in state_dict if key.startswith("text_model.encoder.layers.")}
+    return TextEncoderConfig(
+        vocab_size=vocab_size,
+        max_positions=state_dict["text_model.embeddings.position_embedding.weight"].shape[0],
+        width=width,
+        layers=len(layers),
+        heads=width // 64,  # both CLIP ViT-L and OpenCLIP ViT-H use heads of 64 channels
+        mlp_width=state_dict["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        activation=activation,
+    )
