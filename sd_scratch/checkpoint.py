@@ -76,6 +76,7 @@ class StableDiffusion:
     kind: str  # "SD 1.x", "SD 1.x inpainting", "SD 2.x", ...
     prediction_type: str  # "epsilon" or "v_prediction"
     skip_last_layers: int  # text encoder layers to skip by default (SD 2.x: 1, the penultimate layer)
+    image_size: int  # the side the model was trained at: the default height and width
     source: str
 
 
@@ -255,14 +256,16 @@ def _load_single_file(path: Path, device, dtype, prediction_type) -> StableDiffu
         prediction_type = prediction_type or stored.get("prediction_type", "epsilon")
         skip_last_layers = stored.get("skip_last_layers", 0)
         pad = stored.get("pad_token_id", PAD_EOS)
+        image_size = stored.get("image_size", 512)
     else:
         # SD 2.x single files do not say whether they are v-prediction (768-v) or epsilon (512-base);
         # like diffusers, assume the 768-v model and let the user say otherwise.
         prediction_type = prediction_type or ("v_prediction" if is_openclip else "epsilon")
         skip_last_layers = 1 if is_openclip else 0  # SD 2.x conditions on OpenCLIP's penultimate layer
         pad = PAD_ZERO if is_openclip else PAD_EOS
+        image_size = 768 if prediction_type == "v_prediction" else 512  # SD 2.x 768-v, every other SD: 512
     return StableDiffusion(Tokenizer(WEIGHTS_DIR, pad_token_id=pad), text_encoder, unet, vae, kind,
-                           prediction_type, skip_last_layers, str(path))
+                           prediction_type, skip_last_layers, image_size, str(path))
 
 
 def _openclip_loaders(file: _TensorFile) -> dict[str, callable]:
@@ -347,7 +350,8 @@ def infer_unet_config(state: dict) -> UNetConfig:
 
 
 def save_checkpoint(path: str | Path, text_encoder: TextEncoder, unet: UNet, vae: VAE, *,
-                    prediction_type: str = "epsilon", skip_last_layers: int = 0, pad_token_id: int = PAD_EOS) -> None:
+                    prediction_type: str = "epsilon", skip_last_layers: int = 0, pad_token_id: int = PAD_EOS,
+                    image_size: int = 512) -> None:
     """Write the three networks in the original single-file layout, their configs in the metadata."""
     tensors = {}
     for prefix, model in [(UNET_PREFIX, unet), (VAE_PREFIX, vae), (CLIP_PREFIX, text_encoder)]:
@@ -356,6 +360,7 @@ def save_checkpoint(path: str | Path, text_encoder: TextEncoder, unet: UNet, vae
         "unet": dataclasses.asdict(unet.config), "vae": dataclasses.asdict(vae.config),
         "text_encoder": dataclasses.asdict(text_encoder.config),
         "prediction_type": prediction_type, "skip_last_layers": skip_last_layers, "pad_token_id": pad_token_id,
+        "image_size": image_size,
     }
     save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(configs)})
 
@@ -502,9 +507,12 @@ def _load_diffusers_folder(folder: Path, device, dtype, prediction_type) -> Stab
     text_encoder = _fill(_build(TextEncoder, text_config), "text encoder", loaders(text_file, text_names),
                          device, dtype, source, kind)
 
-    tokenizer_folder = folder / "tokenizer" if (folder / "tokenizer" / "vocab.json").exists() else WEIGHTS_DIR
+    has_tokenizer = any((folder / "tokenizer" / name).exists() for name in ("vocab.json", "tokenizer.json"))
+    tokenizer_folder = folder / "tokenizer" if has_tokenizer else WEIGHTS_DIR
     tokenizer = Tokenizer(tokenizer_folder)
     tokenizer.pad_token_id = tokenizer.bpe.pad_token_id  # "<|endoftext|>" for SD 1.x, "!" (id 0) for SD 2.x
     scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
     prediction_type = prediction_type or scheduler.get("prediction_type", "epsilon")
-    return StableDiffusion(tokenizer, text_encoder, unet, vae, kind, prediction_type, 0, source)
+    latent_size = _read_json(folder / "unet" / "config.json").get("sample_size", 64)
+    image_size = latent_size * 2 ** (len(vae_config.channel_mult) - 1)
+    return StableDiffusion(tokenizer, text_encoder, unet, vae, kind, prediction_type, 0, image_size, source)

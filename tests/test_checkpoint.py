@@ -182,7 +182,7 @@ def test_diffusers_folder_from_save_pretrained(sd1_file, tmp_path):
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "epsilon"}))
     from transformers import CLIPTokenizer
-    CLIPTokenizer(str(WEIGHTS_DIR / "vocab.json"), str(WEIGHTS_DIR / "merges.txt")).save_pretrained(folder / "tokenizer")
+    CLIPTokenizer.from_pretrained(str(WEIGHTS_DIR)).save_pretrained(folder / "tokenizer")
 
     model = load_checkpoint(folder)
     assert model.kind == "SD 1.x" and model.unet.config.num_heads == 8
