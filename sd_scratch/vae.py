@@ -1,0 +1,295 @@
+"""Latents <-> pixels: the KL autoencoder ("VAE") of Stable Diffusion.
+
+The denoising loop never sees pixels. It works on latents, 4 channels at 1/8 of the image size
+(a 512x512 RGB image is a 4x64x64 latent), and this network translates between the two:
+
+    encode:  image (3, H, W) in [-1, 1] -> a Gaussian posterior over z: mean and log-variance (4, H/8, W/8)
+    decode:  z (4, H/8, W/8) -> image (3, H, W) in about [-1, 1]
+
+This is `AutoencoderKL` of CompVis' `ldm/models/autoencoder.py` with the `Encoder` and `Decoder` of
+`ldm/modules/diffusionmodules/model.py`, written so that its module tree *is* the checkpoint:
+`VAE().state_dict()` has exactly the keys found under `first_stage_model.` in an original
+single-file checkpoint (`encoder.down.1.block.0.nin_shortcut.weight`, `decoder.up.3.upsample.conv.bias`).
+
+The shape of the network, for SD 1.x and 2.x (base channels 128, multipliers 1, 2, 4, 4):
+
+    encoder   512x512: conv_in, [res] x2, downsample      128 channels
+              256x256: [res] x2, downsample               256
+              128x128: [res] x2, downsample               512
+                64x64: [res] x2                           512
+              mid: res, self-attention, res; norm, SiLU, conv_out to 8 = mean and log-variance
+    quant_conv, post_quant_conv: 1x1 convolutions on either side of the latent
+    decoder   the mirror image with three res blocks per level and an upsample closing each level
+              but the last; norm, SiLU, conv_out to 3 channels
+
+Where 0.18215 enters. The UNet was trained on latents multiplied by 0.18215, one over the standard
+deviation of the encoder's latents on training images, so that the diffusion works at unit variance.
+The encoder and decoder here know nothing of it: `encode` and `decode` work on *unscaled* z. The
+factor enters in exactly two places, `VAE.latents_from_images` (latents = 0.18215 * z) and
+`VAE.images_from_latents` (z = latents / 0.18215), the `1 / 0.18215 * latents` of the walkthroughs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    in_channels: int = 3  # RGB in ...
+    out_channels: int = 3  # ... and out (`out_ch` in the original yaml)
+    latent_channels: int = 4  # `z_channels` and `embed_dim` in the yaml; equal in every SD model
+    base_channels: int = 128  # `ch`: width of the first level; level i has base_channels * channel_mult[i]
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)  # one entry per level; each level but the last halves H and W
+    num_res_blocks: int = 2  # residual blocks per level in the encoder (the decoder has one more)
+    norm_groups: int = 32
+    norm_eps: float = 1e-6
+    # Not a tensor of the checkpoint: 0.18215 for SD 1.x and 2.x, 0.13025 for SDXL.
+    scaling_factor: float = 0.18215
+
+
+def group_norm(channels: int, config: VAEConfig) -> nn.GroupNorm:
+    return nn.GroupNorm(config.norm_groups, channels, eps=config.norm_eps)
+
+
+class ResnetBlock(nn.Module):
+    """shortcut(x) + f(x), f = norm, SiLU, 3x3 conv, norm, SiLU, 3x3 conv. Unlike the UNet's, no timestep."""
+
+    def __init__(self, in_channels: int, out_channels: int, config: VAEConfig):
+        super().__init__()
+        self.norm1 = group_norm(in_channels, config)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = group_norm(out_channels, config)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)  # (the original's dropout is 0 here)
+        # A 1x1 convolution matches the channel count of the shortcut when the block changes width.
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention in which every pixel is a token: x + proj_out(softmax(q k^T / sqrt(C)) v).
+
+    q, k, v and proj_out are 1x1 convolutions, as in the original file, so the CompVis checkpoints
+    load as they are. Some files store the same four matrices as linear weights [C, C] instead of
+    [C, C, 1, 1]; the loader (`checkpoint.py`) reshapes those, the network keeps one layout.
+    """
+
+    def __init__(self, channels: int, config: VAEConfig):
+        super().__init__()
+        self.norm = group_norm(channels, config)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        # (B, C, H, W) -> (B, 1 head, H*W tokens, C). Channels made contiguous, so that SDPA can take its
+        # fused kernel instead of writing out the (H*W) x (H*W) attention matrix (4096^2 for a 512 image).
+        q, k, v = (t.flatten(2).transpose(1, 2).contiguous().unsqueeze(1) for t in (self.q(h), self.k(h), self.v(h)))
+        h = F.scaled_dot_product_attention(q, k, v)  # the softmax is over all H*W positions
+        h = h.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 convolution.
+
+    The original pads only the right and bottom edge by one pixel (then convolves with no padding),
+    not one pixel on every side: with stride 2 the two choices sample different pixels, and the
+    checkpoints were trained with this one.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (left, right, top, bottom)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour copy of every pixel to a 2x2 square, then a 3x3 convolution."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def res_blocks(in_channels: int, out_channels: int, num_blocks: int, config: VAEConfig) -> nn.ModuleList:
+    """`num_blocks` res blocks; the first changes the width from in_channels to out_channels."""
+    widths = [in_channels] + [out_channels] * num_blocks
+    return nn.ModuleList(ResnetBlock(widths[j], widths[j + 1], config) for j in range(num_blocks))
+
+
+class EncoderLevel(nn.Module):
+    """One resolution of the encoder: res blocks `block.{j}`, then a `downsample` on every level but the last.
+
+    (The original also has an empty `attn` list here: no attention in these levels, no tensors.)
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, config: VAEConfig, downsample: bool):
+        super().__init__()
+        self.block = res_blocks(in_channels, out_channels, config.num_res_blocks, config)
+        self.downsample = Downsample(out_channels) if downsample else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.block:
+            x = block(x)
+        return self.downsample(x)
+
+
+class DecoderLevel(nn.Module):
+    """One resolution of the decoder: one res block more than the encoder, then an `upsample` except at full size."""
+
+    def __init__(self, in_channels: int, out_channels: int, config: VAEConfig, upsample: bool):
+        super().__init__()
+        self.block = res_blocks(in_channels, out_channels, config.num_res_blocks + 1, config)
+        self.upsample = Upsample(out_channels) if upsample else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.block:
+            x = block(x)
+        return self.upsample(x)
+
+
+class MidBlock(nn.Module):
+    """At the lowest resolution: res block, self-attention over all positions, res block."""
+
+    def __init__(self, channels: int, config: VAEConfig):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, config)
+        self.attn_1 = AttnBlock(channels, config)
+        self.block_2 = ResnetBlock(channels, channels, config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    """Image (B, 3, H, W) -> (B, 2 * latent_channels, H / 2^(levels-1), W / 2^(levels-1)): mean and log-variance."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        widths = [config.base_channels * m for m in config.channel_mult]
+        last = len(widths) - 1
+        self.conv_in = nn.Conv2d(config.in_channels, widths[0], 3, padding=1)
+        # Level i widens from the previous level's width to its own, then (but the last) halves H and W.
+        self.down = nn.ModuleList(
+            EncoderLevel(widths[max(i - 1, 0)], widths[i], config, downsample=i != last)
+            for i in range(len(widths))
+        )
+        self.mid = MidBlock(widths[-1], config)
+        self.norm_out = group_norm(widths[-1], config)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * config.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        for level in self.down:
+            x = level(x)
+        x = self.mid(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """z (B, latent_channels, h, w) -> image (B, 3, h * 2^(levels-1), w * 2^(levels-1))."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        widths = [config.base_channels * m for m in config.channel_mult]
+        last = len(widths) - 1
+        self.conv_in = nn.Conv2d(config.latent_channels, widths[-1], 3, padding=1)
+        self.mid = MidBlock(widths[-1], config)
+        # `up.{i}` is stored by resolution, as in the encoder: up.0 is the full-resolution level. The
+        # decoder runs them from the lowest resolution up, so up.3 comes first (see `forward`), and
+        # level i narrows from the width of the level below it (i + 1) to its own.
+        self.up = nn.ModuleList(
+            DecoderLevel(widths[min(i + 1, last)], widths[i], config, upsample=i != 0)
+            for i in range(len(widths))
+        )
+        self.norm_out = group_norm(widths[0], config)
+        self.conv_out = nn.Conv2d(widths[0], config.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(z)
+        x = self.mid(x)
+        for level in reversed(self.up):
+            x = level(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class VAE(nn.Module):
+    """The KL autoencoder: `encode` to a Gaussian posterior over unscaled latents z, `decode` z back to pixels."""
+
+    def __init__(self, config: VAEConfig = VAEConfig()):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        # 1x1 convolutions between the encoder/decoder and the latent; they keep the widths.
+        self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [-1, 1] -> (mean, logvar) of the diagonal Gaussian posterior q(z | image)."""
+        mean, logvar = self.quant_conv(self.encoder(images)).chunk(2, dim=1)
+        # The original clamps the log-variance, so that exp(logvar) neither underflows nor overflows.
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents z -> images in about [-1, 1] (clamp before turning them into pixels)."""
+        return self.decoder(self.post_quant_conv(z))
+
+    def latents_from_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> latents as the UNet sees them: latents = 0.18215 * z, z ~ N(mean, exp(logvar)).
+
+        This is where image-to-image starts. z is a sample of the posterior (mean + std * noise), as in
+        both the original scripts and diffusers; the noise is drawn with `generator`, on its device.
+        """
+        mean, logvar = self.encode(images)
+        device = generator.device if generator is not None else mean.device
+        noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(mean.device)
+        z = mean + torch.exp(0.5 * logvar) * noise
+        return self.config.scaling_factor * z
+
+    def images_from_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the UNet produces them -> images in about [-1, 1]: decode(latents / 0.18215)."""
+        return self.decode(latents / self.config.scaling_factor)
+
+
+def infer_vae_config(state_dict: dict[str, torch.Tensor]) -> VAEConfig:
+    """Read the VAE's shape off its tensors, so that no yaml file is needed.
+
+    `state_dict` has the keys of `VAE().state_dict()` (an original checkpoint's keys with
+    `first_stage_model.` removed). What no tensor shape tells keeps its default: the group-norm
+    groups and epsilon (32 and 1e-6 in every SD model) and the scaling factor (0.18215; SDXL's VAE has
+    the SD layout but wants `dataclasses.replace(config, scaling_factor=0.13025)`).
+    """
+    conv_in = state_dict["encoder.conv_in.weight"]  # (base_channels, in_channels, 3, 3)
+    base_channels = conv_in.shape[0]
+    levels = {int(m.group(1)) for key in state_dict if (m := re.match(r"encoder\.down\.(\d+)\.", key))}
+    blocks = {int(m.group(1)) for key in state_dict if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", key))}
+    # The first block of each level sets the level's width: conv1 is (width, previous width, 3, 3).
+    channel_mult = tuple(state_dict[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // base_channels
+                         for i in range(len(levels)))
+    return VAEConfig(
+        in_channels=conv_in.shape[1],
+        out_channels=state_dict["decoder.conv_out.weight"].shape[0],
+        latent_channels=state_dict["post_quant_conv.weight"].shape[0],
+        base_channels=base_channels,
+        channel_mult=channel_mult,
+        num_res_blocks=len(blocks),
+    )
