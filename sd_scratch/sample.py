@@ -80,7 +80,8 @@ def images_to_latents(model: StableDiffusion, images: torch.Tensor, generators: 
 
 @torch.inference_mode()
 def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: str = "", *, steps: int = 25,
-             guidance: float = 7.5, sampler: str = "euler", karras: bool = False, eta: float | None = None, seed: int = 0,
+             guidance: float = 7.5, sampler: str = "euler", spacing: str = "leading", karras: bool = False,
+             eta: float | None = None, seed: int = 0,
              height: int | None = None, width: int | None = None, skip_last_layers: int | None = None,
              init_image: torch.Tensor | None = None, strength: float = 0.8, preview_every: int = 0,
              progress: bool = True) -> torch.Tensor | Generation:
@@ -108,8 +109,8 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
         context = torch.cat([uncond, cond])  # (2B, 77, width): one UNet call serves both halves
 
     # 2. The sampler's walk down the noise levels
-    eta = (1.0 if sampler == "euler_a" else 0.0) if eta is None else eta
-    plan = samplers.make_plan(sampler, steps, karras=karras, eta=eta, prediction_type=model.prediction_type)
+    plan = samplers.make_plan(sampler, steps, spacing=spacing, karras=karras, eta=eta,
+                              prediction_type=model.prediction_type)
 
     # 3. The starting latents: pure noise, or the encoded image noised to the strength's level
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
@@ -186,6 +187,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--guidance", type=float, default=7.5,
                    help="classifier-free guidance scale; at or below 1 guidance is off (default: 7.5)")
     p.add_argument("--sampler", default="euler", help=f"one of {', '.join(samplers.SAMPLER_NAMES)} (default: euler)")
+    p.add_argument("--spacing", default="leading", choices=["leading", "linspace", "trailing"],
+                   help="how the steps are spread over the 1000 training timesteps (default: leading, as SD 1.5)")
     p.add_argument("--karras", action="store_true", help="Karras noise levels (euler, euler_a, lms, heun, dpmpp_2m)")
     p.add_argument("--eta", type=float, default=None,
                    help="noise added back per step: euler_a default 1, ddim default 0 (deterministic)")
@@ -228,22 +231,24 @@ def check_arguments(args) -> list[str]:
                 check_size(name, getattr(args, name))
             except ValueError as error:
                 raise UsageError(str(error))
-    if args.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {args.steps}")
-    if args.guidance < 0:
-        raise UsageError(f"--guidance must not be negative, got {args.guidance} (use 1 or less to turn guidance off)")
-    if args.sampler not in samplers.SAMPLER_NAMES:
-        raise UsageError(f"unknown sampler {args.sampler!r}: choose one of {', '.join(samplers.SAMPLER_NAMES)}")
-    if args.eta is not None and args.eta < 0:
-        raise UsageError(f"--eta must not be negative, got {args.eta}")
-    if args.n_samples < 1 or args.n_iter < 1:
-        raise UsageError("--n-samples and --n-iter must be at least 1")
-    if args.clip_skip is not None and args.clip_skip < 0:
-        raise UsageError(f"--clip-skip must not be negative, got {args.clip_skip}")
     if args.strength is not None and args.init_image is None:
         raise UsageError("--strength needs --init-image: it says how much of the init image to keep")
     if args.strength is not None and not 0 < args.strength <= 1:
         raise UsageError(f"--strength must be in (0, 1], got {args.strength}")
+    if args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    if args.guidance < 0:
+        raise UsageError(f"--guidance must not be negative, got {args.guidance} (use 1 or less to turn guidance off)")
+    try:  # steps, sampler name, eta, karras: the sampler's own checks, before any weights are loaded
+        plan = samplers.make_plan(args.sampler, args.steps, spacing=args.spacing, karras=args.karras, eta=args.eta)
+        if args.init_image is not None:
+            samplers.img2img_plan(plan, args.strength or 0.8)
+    except ValueError as error:
+        raise UsageError(str(error))
+    if args.n_samples < 1 or args.n_iter < 1:
+        raise UsageError("--n-samples and --n-iter must be at least 1")
+    if args.clip_skip is not None and args.clip_skip < 0:
+        raise UsageError(f"--clip-skip must not be negative, got {args.clip_skip}")
     if args.save_intermediates < 0:
         raise UsageError("--save-intermediates must be 0 (off) or a positive number of steps")
     if args.init_image is not None:
@@ -300,7 +305,8 @@ def run(args, prompts: list[str]) -> int:
         for prompt in prompts:
             first_seed = args.seed + iteration * args.n_samples
             result = generate(model, [prompt] * args.n_samples, args.negative_prompt, steps=args.steps,
-                              guidance=args.guidance, sampler=args.sampler, karras=args.karras, eta=args.eta,
+                              guidance=args.guidance, sampler=args.sampler, spacing=args.spacing,
+                              karras=args.karras, eta=args.eta,
                               seed=first_seed, height=height, width=width, skip_last_layers=skip,
                               init_image=init_image, strength=args.strength or 0.8,
                               preview_every=args.save_intermediates)

@@ -81,7 +81,10 @@ def test_text_to_image_equals_diffusers_pipeline(written, layout, sampler, guida
     assert (ours - theirs).abs().max() <= 1e-3
 
 
-@pytest.mark.parametrize("sampler", ["euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "lms", "heun"])
+# LMS is left out on purpose: after the image-to-image cut, diffusers' LMS picks its order from the
+# absolute step number, so its first step applies 4th-order coefficients to a single derivative.
+# Ours starts with no history, as k-diffusion does (tests/test_samplers.py pins that first step to Euler).
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "heun"])
 @pytest.mark.parametrize("strength", [0.5, 0.8])
 def test_image_to_image_equals_diffusers_pipeline(written, sampler, strength):
     paths, components = written
