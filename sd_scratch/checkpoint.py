@@ -15,20 +15,20 @@ Two layouts are read:
 No YAML is needed: the configs are read off the tensors' shapes (or taken from the file's
 safetensors metadata when sd_scratch wrote it). Loading is strict: every parameter must be filled
 and every tensor in the file used or on an explicit ignore list, or we stop and name the keys.
-Tensors are read one at a time from the memory-mapped file straight into the model's parameters,
-so the weights are never held twice.
+Tensors are read from the file one at a time, straight into the model's parameters (cast to the
+requested dtype and moved to the device as they come), so the weights are never held twice.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import mmap
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -99,8 +99,20 @@ def load_checkpoint(path: str | Path | None = None, device: str | torch.device =
 # Reading tensors
 
 
+# The element types a .safetensors header names, and the torch dtype of each.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
 class _TensorFile:
-    """The tensors of one file, read lazily: safetensors is memory-mapped; a pickle is read safely."""
+    """The tensors of one file, read one at a time so that the weights are never held twice.
+
+    A .safetensors file is simple enough to read by hand: 8 bytes (a little-endian integer N), N bytes
+    of JSON, {name: {"dtype": "F16", "shape": [320, 4, 3, 3], "data_offsets": [begin, end]}, ...,
+    "__metadata__": {...}}, then the raw bytes of every tensor, offsets counted from the end of the
+    JSON. The file is memory-mapped and each tensor is a view of its bytes. A pickle (.ckpt) is read safely.
+    """
 
     def __init__(self, path: Path):
         self.path = path
@@ -109,20 +121,41 @@ class _TensorFile:
             head = f.read(8)
         if path.suffix in (".ckpt", ".pt", ".pth", ".bin") or head[:2] == b"PK" or head[:1] == b"\x80":
             self._pickle = self._read_pickle(path)
-            self._file = None
             self.keys = list(self._pickle)
             return
         self._pickle = None
-        try:
-            self._file = safe_open(str(path), framework="pt")
-        except (SafetensorError, OSError, ValueError) as error:
-            reason = str(error).splitlines()[0]
-            raise CheckpointError(
+        self._entries, self._data_start = self._read_header(path, head)
+        with open(path, "rb") as f:  # copy-on-write mapping: tensors viewing it are writable, the file is not
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        self.metadata = self._entries.pop("__metadata__", None) or {}
+        self.keys = list(self._entries)
+
+    @staticmethod
+    def _read_header(path: Path, head: bytes) -> tuple[dict, int]:
+        def unreadable(reason):
+            return CheckpointError(
                 f"{path} is not a readable safetensors file ({reason}); it may be truncated or of another "
                 f"format: download it again, or give a .safetensors / .ckpt Stable Diffusion checkpoint"
-            ) from None
-        self.metadata = self._file.metadata() or {}
-        self.keys = list(self._file.keys())
+            )
+
+        size = path.stat().st_size
+        header_length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= header_length <= size - 8:
+            raise unreadable("no header")
+        with open(path, "rb") as f:
+            f.seek(8)
+            try:
+                entries = json.loads(f.read(header_length))
+                tensors = {k: v for k, v in entries.items() if k != "__metadata__"}
+                data_end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+                unknown = {v["dtype"] for v in tensors.values()} - set(SAFETENSORS_DTYPES)
+            except (ValueError, UnicodeDecodeError, TypeError, KeyError, IndexError, AttributeError):
+                raise unreadable("its header is not safetensors JSON") from None
+        if unknown:
+            raise unreadable(f"unsupported element types {sorted(unknown)}")
+        if 8 + header_length + data_end > size:
+            raise unreadable(f"truncated: the header describes {8 + header_length + data_end} bytes, the file has {size}")
+        return entries, 8 + header_length
 
     @staticmethod
     def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
@@ -144,15 +177,39 @@ class _TensorFile:
     def shape(self, key: str) -> tuple[int, ...]:
         if self._pickle is not None:
             return tuple(self._pickle[key].shape)
-        return tuple(self._file.get_slice(key).get_shape())
+        return tuple(self._entries[key]["shape"])
 
-    def get(self, key: str) -> torch.Tensor:
-        if self._pickle is not None:
-            return self._pickle[key]
-        try:
-            return self._file.get_tensor(key)
-        except (SafetensorError, OSError) as error:
-            raise CheckpointError(f"{self.path}: tensor {key} cannot be read ({error}); the file is damaged") from None
+    def get(self, key: str, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor `key`, cast to `dtype` (floating-point tensors only) and moved to `device`.
+
+        A safetensors tensor starts as a view of the memory-mapped file: no copy, and the pages are
+        read from disk when first touched. When the cast or move makes a copy, the view's pages are
+        handed back to the kernel at once, so the file's bytes and the copy are not held together.
+        """
+        tensor = self._pickle[key] if self._pickle is not None else self._view(key)
+        target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        result = tensor.to(device=device or tensor.device, dtype=target_dtype)
+        if self._pickle is None and result.data_ptr() != tensor.data_ptr():
+            self._release(key)
+        return result
+
+    def _view(self, key: str) -> torch.Tensor:
+        entry = self._entries[key]
+        begin, end = entry["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        if end == begin:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                offset=self._data_start + begin).reshape(entry["shape"])
+
+    def _release(self, key: str) -> None:
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        begin, end = (self._data_start + offset for offset in self._entries[key]["data_offsets"])
+        first_page = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the tensor's bytes
+        last_page = end // mmap.PAGESIZE * mmap.PAGESIZE
+        if last_page > first_page:
+            self._map.madvise(mmap.MADV_DONTNEED, first_page, last_page - first_page)
 
 
 class _ShapeView(dict):
@@ -167,8 +224,18 @@ class _ShapeView(dict):
 
 
 def _build(module_class, config) -> nn.Module:
-    with torch.device("meta"):  # no memory is allocated until the checkpoint's tensors are assigned
-        return module_class(config)
+    """The network with parameters on the meta device: shapes only, no memory until the checkpoint's
+    tensors are assigned. Random initialisation is skipped as well: it would be overwritten anyway,
+    and torch's first normal_() on a meta tensor imports torch._dynamo, which costs seconds."""
+    skipped = {name: getattr(nn.init, name) for name in ("normal_", "trunc_normal_", "uniform_", "kaiming_uniform_")}
+    try:
+        for name in skipped:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            return module_class(config)
+    finally:
+        for name, function in skipped.items():
+            setattr(nn.init, name, function)
 
 
 def _fill(model: nn.Module, network: str, tensors: dict[str, callable], device, dtype, source: str, kind: str):
@@ -239,7 +306,8 @@ def _load_single_file(path: Path, device, dtype, prediction_type) -> StableDiffu
         )
 
     def loaders(prefix):
-        return {k[len(prefix):]: (lambda k=k: file.get(k)) for k in keys if k.startswith(prefix) and not IGNORED_KEYS.match(k)}
+        return {k[len(prefix):]: (lambda k=k: file.get(k, device, dtype))
+                for k in keys if k.startswith(prefix) and not IGNORED_KEYS.match(k)}
 
     if unet_config.in_channels == 9:
         kind += " inpainting"  # latents + mask + masked-image latents
@@ -482,7 +550,7 @@ def _load_diffusers_folder(folder: Path, device, dtype, prediction_type) -> Stab
         return _ShapeView({ours: file.shape(theirs) for ours, theirs in names.items()})
 
     def loaders(file, names):
-        return {ours: (lambda theirs=theirs: file.get(theirs)) for ours, theirs in names.items()}
+        return {ours: (lambda theirs=theirs: file.get(theirs, device, dtype)) for ours, theirs in names.items()}
 
     unet_config = infer_unet_config(shapes(unet_file, unet_names))
     unet_json = _read_json(folder / "unet" / "config.json")
