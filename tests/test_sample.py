@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
-from reference_pipeline import diffusers_scheduler
+from reference_pipeline import reference_scheduler
 from reference_unet import diffusers_unet_config
 from small_models import TEXT_SD1, clip_reference, diffusers_vae_config, small_sd
 from sd_scratch.checkpoint import load_checkpoint, save_checkpoint
@@ -46,14 +46,14 @@ def written(tmp_path_factory):
     tokenizer = CLIPTokenizer.from_pretrained(str(WEIGHTS_DIR), model_max_length=77)
     components = dict(unet=unet.eval(), vae=vae.eval(), text_encoder=clip.eval(), tokenizer=tokenizer)
     folder = root / "folder"
-    StableDiffusionPipeline(**components, scheduler=diffusers_scheduler("pndm"), safety_checker=None,
+    StableDiffusionPipeline(**components, scheduler=reference_scheduler("pndm"), safety_checker=None,
                             feature_extractor=None, requires_safety_checker=False).save_pretrained(folder)
     return {"single file": single, "diffusers folder": folder}, components
 
 
 def reference(components, name, img2img=False):
     cls = StableDiffusionImg2ImgPipeline if img2img else StableDiffusionPipeline
-    pipe = cls(**components, scheduler=diffusers_scheduler(name), safety_checker=None, feature_extractor=None,
+    pipe = cls(**components, scheduler=reference_scheduler(name), safety_checker=None, feature_extractor=None,
                requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -8,17 +8,10 @@ import dataclasses
 
 import pytest
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    HeunDiscreteScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-)
+from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
 from scipy import integrate
 
+from reference_pipeline import SD15, reference_scheduler
 from sd_scratch import samplers
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
@@ -27,35 +20,6 @@ STEP_COUNTS = (1, 2, 3, 10, 25, 50)
 KARRAS_SAMPLERS = ("euler", "lms", "heun", "dpmpp_2m")  # the ones diffusers has use_karras_sigmas on
 TOLERANCE = 1e-5  # max |ours - diffusers| / max |diffusers|, per latent
 LATENT_SHAPE = (2, 4, 4, 4)
-
-# The v1.5 scheduler_config.json.
-SD15 = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    steps_offset=1,
-)
-
-
-def reference_scheduler(name, spacing="leading", karras=False, prediction_type="epsilon"):
-    config = dict(SD15, timestep_spacing=spacing, prediction_type=prediction_type)
-    if karras:
-        config["use_karras_sigmas"] = True
-    if name == "ddim":
-        return DDIMScheduler(**config, clip_sample=False, set_alpha_to_one=False)
-    if name == "pndm":
-        return PNDMScheduler(**config, skip_prk_steps=True, set_alpha_to_one=False)
-    if name == "dpmpp_2m":
-        return DPMSolverMultistepScheduler(**config, algorithm_type="dpmsolver++", solver_order=2)
-    classes = {
-        "euler": EulerDiscreteScheduler,
-        "euler_a": EulerAncestralDiscreteScheduler,
-        "lms": LMSDiscreteScheduler,
-        "heun": HeunDiscreteScheduler,
-    }
-    return classes[name](**config)
-
 
 def dummy_model(model_input, t):
     return 0.1 * model_input + 0.01 * t

@@ -5,17 +5,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
+from reference_pipeline import SD15
 from sd_scratch import schedule
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-SD15 = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    steps_offset=1,
-)
 
 
 @pytest.fixture(scope="module")
