@@ -138,3 +138,12 @@ def test_bad_input_from_a_subprocess_has_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == "error: height must be a multiple of 8, got 100: try 96 or 104"
     assert "Traceback" not in result.stderr and not any(tmp_path.iterdir())
+
+
+def test_no_arguments_draws_the_default_prompt_with_the_shipped_tiny_model(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "sd_scratch.sample"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    image = tmp_path / "outputs" / "sample-00000.png"
+    assert Image.open(image).size == (64, 64)
+    assert read_parameters(image).startswith("a red circle on a blue background\nSteps: 25, Sampler: Euler, CFG scale: 7.5")
