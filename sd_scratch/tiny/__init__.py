@@ -1,0 +1,5 @@
+"""The tiny Stable Diffusion that ships in weights/: its procedural dataset, training and evaluation.
+
+    python -m sd_scratch.tiny.train      # trains weights/tiny_sd.safetensors from a fixed seed
+    python -m sd_scratch.tiny.evaluate   # samples prompts and scores the colours and shapes from the pixels
+"""

@@ -1,0 +1,226 @@
+"""Does the tiny model draw what it is asked? Scored from the pixels alone, with no learned classifier.
+
+    python -m sd_scratch.tiny.evaluate                      # every sampler x guidance 1, 3, 7.5
+    python -m sd_scratch.tiny.evaluate --samplers euler --guidance 7.5 --count 50
+
+For each (prompt, seed) pair it generates an image and reads back three things:
+
+  background  the per-channel median of the 2-pixel border, named by the nearest palette colour
+  foreground  the pixels far from that background colour (the shape's mask); the median of the
+              mask's inner pixels, named by the nearest palette colour
+  shape       a triangle (apex up) is narrow at the top: its mask is about 1/3 as wide a quarter
+              of the way down its bounding box as it is three quarters of the way down, where a
+              circle or a square is as wide. Of the two, a square fills all of its bounding box,
+              a circle pi/4 = 0.785 of it.
+
+The prompts are every colour x shape x background combination (8 * 3 * 7 = 168), each at two seeds,
+shuffled with a fixed seed so that a `--count` prefix is a fair sample of them. `--check-scorer`
+scores the training images themselves: the scorer should be right on (nearly) all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sd_scratch.tiny.dataset import COLOURS, SHAPES, caption, make_dataset, palette_tensor
+
+BORDER = 2  # pixels of the image edge read as background
+# A pixel belongs to the shape if it is this far (RGB distance, channels in [0, 1]) from the background:
+# half the distance between the two closest palette colours (yellow and orange, 0.36).
+FOREGROUND_DISTANCE = 0.18
+FIRST_SEED = 1000  # the evaluation's k-th prompt uses seed FIRST_SEED + k
+MIN_SHAPE_PIXELS = 16  # fewer pixels than this (after cleaning) is "no shape drawn"
+# Width at 1/4 of the height / width at 3/4: 1/3 for a triangle, 1 for a circle or a square.
+TRIANGLE_BELOW = (1 / 3 + 1) / 2
+# Fraction of the bounding box filled: 1 for a square, pi/4 for a circle; decide at the midpoint.
+SQUARE_ABOVE = (1 + math.pi / 4) / 2  # 0.89
+
+PALETTE_NAMES = list(COLOURS)
+PALETTE = palette_tensor(PALETTE_NAMES)  # (8, 3) in [0, 1]
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What the pixels say; None where nothing could be read (no shape found)."""
+
+    colour: str | None
+    shape: str | None
+    background: str
+    taper: float  # the shape's width a quarter of the way down / three quarters of the way down
+    fill: float  # the fraction of the bounding box covered by the shape
+
+
+def nearest_colour(rgb: torch.Tensor) -> str:
+    return PALETTE_NAMES[int(torch.cdist(rgb[None].float(), PALETTE).argmin())]
+
+
+def shape_from_mask(mask: torch.Tensor) -> tuple[str, float, float]:
+    """A (H, W) boolean mask of one shape -> (shape name, taper, fill)."""
+    rows, columns = mask.any(dim=1).nonzero()[:, 0], mask.any(dim=0).nonzero()[:, 0]
+    top, height = int(rows.min()), int(rows.max() - rows.min()) + 1
+    box_width = int(columns.max() - columns.min()) + 1
+    fill = float(mask.sum()) / (height * box_width)
+    # Mean width of the rows in the bands around 1/4 and 3/4 of the height.
+    widths = mask.sum(dim=1).float()
+    upper = widths[top + height // 8: top + 3 * height // 8 + 1].mean()
+    lower = widths[top + 5 * height // 8: top + 7 * height // 8 + 1].mean()
+    taper = float(upper / lower.clamp(min=1))
+    if taper < TRIANGLE_BELOW:
+        return "triangle", taper, fill
+    return ("square" if fill > SQUARE_ABOVE else "circle"), taper, fill
+
+
+def read_image(image: torch.Tensor) -> Reading:
+    """One image (3, H, W) in [0, 1] -> its colours and shape."""
+    height, width = image.shape[1:]
+    border = torch.ones(height, width, dtype=torch.bool)
+    border[BORDER:-BORDER, BORDER:-BORDER] = False
+    background_rgb = image[:, border].median(dim=1).values
+    background = nearest_colour(background_rgb)
+
+    far = (image - background_rgb[:, None, None]).norm(dim=0) > FOREGROUND_DISTANCE
+    # Morphological opening (erode, then dilate, 3 x 3) removes stray pixels and thin fringes.
+    eroded = -F.max_pool2d(-far[None, None].float(), 3, stride=1, padding=1)
+    mask = F.max_pool2d(eroded, 3, stride=1, padding=1)[0, 0].bool() & far
+    if mask.sum() < MIN_SHAPE_PIXELS:
+        return Reading(None, None, background, 0.0, 0.0)
+
+    # The colour from the inside of the shape, away from its anti-aliased edge.
+    inner = eroded[0, 0].bool()
+    colour = nearest_colour(image[:, inner].median(dim=1).values)
+    shape, taper, fill = shape_from_mask(mask)
+    return Reading(colour, shape, background, taper, fill)
+
+
+@dataclass(frozen=True)
+class Score:
+    colour: float  # fraction of images whose shape has the asked-for colour
+    background: float
+    shape: float
+    count: int
+
+
+def score(images: torch.Tensor, prompts: list[tuple[str, str, str]]) -> Score:
+    """images (N, 3, H, W) in [0, 1]; prompts as (colour, shape, background) triples."""
+    readings = [read_image(image) for image in images]
+    n = len(readings)
+    return Score(
+        colour=sum(r.colour == p[0] for r, p in zip(readings, prompts)) / n,
+        background=sum(r.background == p[2] for r, p in zip(readings, prompts)) / n,
+        shape=sum(r.shape == p[1] for r, p in zip(readings, prompts)) / n,
+        count=n,
+    )
+
+
+def evaluation_prompts(repeats: int = 2, shuffle_seed: int = 0) -> list[tuple[str, str, str]]:
+    """Every (colour, shape, background) with background != colour, `repeats` times, shuffled.
+
+    The k-th prompt of the list is generated with seed FIRST_SEED + k, so repeats get different
+    seeds, and a batch of consecutive prompts is one `generate` call (image i uses seed + i).
+    """
+    triples = [(c, s, b) for c, s, b in itertools.product(COLOURS, SHAPES, COLOURS) if b != c]
+    prompts = triples * repeats
+    random.Random(shuffle_seed).shuffle(prompts)
+    return prompts
+
+
+def check_scorer(count: int = 1000, seed: int = 12345) -> Score:
+    """Score the dataset's own images: how often the scorer reads the truth from a perfect picture."""
+    from sd_scratch.tiny.dataset import random_scenes, render
+
+    scenes = random_scenes(count, seed)
+    images = (render(scenes) + 1) / 2
+    return score(images, [(s.colour, s.shape, s.background) for s in scenes])
+
+
+def evaluate(model, samplers, guidances, prompts, steps: int = 25, batch_size: int = 48):
+    """Generate every prompt with every sampler and guidance scale; yields (sampler, guidance, Score, seconds)."""
+    from sd_scratch.sample import generate
+
+    for sampler in samplers:
+        for guidance in guidances:
+            start = time.perf_counter()
+            images = []
+            for first in range(0, len(prompts), batch_size):
+                batch = [caption(*triple) for triple in prompts[first:first + batch_size]]
+                images.append(generate(model, batch, steps=steps, guidance=guidance, sampler=sampler,
+                                       seed=FIRST_SEED + first, progress=False))
+            yield sampler, guidance, score(torch.cat(images), prompts), time.perf_counter() - start
+
+
+def empty_prompt_readings(model, count: int = 16, steps: int = 25, guidance: float = 7.5) -> list[Reading]:
+    """What the empty prompt draws at `count` seeds: it should be any shape in any colours."""
+    from sd_scratch.sample import generate
+
+    images = generate(model, [""] * count, steps=steps, guidance=guidance, seed=FIRST_SEED, progress=False)
+    return [read_image(image) for image in images]
+
+
+IMG2IMG_START = ("red", "square", "white")
+IMG2IMG_PROMPT = ("blue", "square", "yellow")
+
+
+def image_to_image_score(model, count: int = 8, strength: float = 0.5, steps: int = 25,
+                         guidance: float = 7.5, sampler: str = "euler") -> Score:
+    """Start from a picture of a red square and ask for a blue square on a yellow background."""
+    from sd_scratch.sample import generate
+    from sd_scratch.tiny.dataset import Scene, render
+
+    start = render([Scene(*IMG2IMG_START, centre_x=30.0, centre_y=34.0, size=30.0)])
+    images = generate(model, [caption(*IMG2IMG_PROMPT)] * count, steps=steps, guidance=guidance,
+                      sampler=sampler, seed=FIRST_SEED, init_image=start, strength=strength, progress=False)
+    return score(images, [IMG2IMG_PROMPT] * count)
+
+
+def main():
+    from sd_scratch.checkpoint import load_checkpoint
+    from sd_scratch.samplers import SAMPLER_NAMES
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None, help="default: weights/tiny_sd.safetensors")
+    parser.add_argument("--samplers", nargs="+", default=list(SAMPLER_NAMES), choices=SAMPLER_NAMES)
+    parser.add_argument("--guidance", nargs="+", type=float, default=[1.0, 3.0, 7.5])
+    parser.add_argument("--count", type=int, default=None, help="score only the first COUNT of the 336 pairs")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--check-scorer", action="store_true", help="only score the dataset's own images")
+    parser.add_argument("--no-extras", action="store_true", help="skip the empty-prompt and image-to-image checks")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if args.check_scorer:
+        result = check_scorer()
+        print(f"scorer on {result.count} dataset images: colour {result.colour:.1%}, "
+              f"background {result.background:.1%}, shape {result.shape:.1%}")
+        return
+
+    model = load_checkpoint(args.checkpoint)
+    prompts = evaluation_prompts()[: args.count]
+    print(f"{len(prompts)} prompt x seed pairs, {args.steps} steps")
+    print(f"{'sampler':<10} {'guidance':>8} {'colour':>7} {'bg':>7} {'shape':>7} {'seconds':>8}")
+    for sampler, guidance, result, seconds in evaluate(model, args.samplers, args.guidance, prompts, args.steps):
+        print(f"{sampler:<10} {guidance:>8g} {result.colour:>7.1%} {result.background:>7.1%} "
+              f"{result.shape:>7.1%} {seconds:>8.1f}", flush=True)
+    if args.no_extras:
+        return
+
+    readings = empty_prompt_readings(model)
+    kinds = {(r.colour, r.shape, r.background) for r in readings}
+    print(f"empty prompt, {len(readings)} seeds: {len(kinds)} different (colour, shape, background), "
+          f"{len({r.colour for r in readings})} shape colours, {len({r.background for r in readings})} backgrounds, "
+          f"{len({r.shape for r in readings})} shapes")
+    result = image_to_image_score(model)
+    print(f"image to image, {caption(*IMG2IMG_START)} -> {caption(*IMG2IMG_PROMPT)!r} at strength 0.5: "
+          f"colour {result.colour:.0%}, background {result.background:.0%}, square kept {result.shape:.0%}")
+
+
+if __name__ == "__main__":
+    main()

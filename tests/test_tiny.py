@@ -1,0 +1,97 @@
+"""The tiny model shipped in weights/: its dataset, its pixel scorer, and the file itself."""
+
+import re
+
+import pytest
+import torch
+
+from sd_scratch.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from sd_scratch.tiny import train
+from sd_scratch.tiny.dataset import COLOURS, IMAGE_SIZE, MARGIN, SHAPES, make_dataset, palette_tensor, random_scenes, render
+from sd_scratch.tiny.evaluate import check_scorer, read_image, score
+
+CAPTION = re.compile(r"^a (\w+) (\w+) on a (\w+) background$")
+
+
+def test_captions_follow_the_template_with_two_different_colours():
+    scenes = random_scenes(2000, seed=3)
+    seen_colours, seen_shapes = set(), set()
+    for scene in scenes:
+        colour, shape, background = CAPTION.match(scene.caption).groups()
+        assert (colour, shape, background) == (scene.colour, scene.shape, scene.background)
+        assert colour in COLOURS and background in COLOURS and shape in SHAPES
+        assert colour != background
+        seen_colours |= {colour, background}
+        seen_shapes.add(shape)
+    assert seen_colours == set(COLOURS) and seen_shapes == set(SHAPES)
+    assert {"red", "green", "blue", "yellow", "purple", "orange", "white", "black"} <= set(COLOURS)
+
+
+def test_dataset_is_deterministic_and_in_range():
+    images, captions = make_dataset(64, seed=7)
+    again, captions_again = make_dataset(64, seed=7)
+    other, _ = make_dataset(64, seed=8)
+    assert images.shape == (64, 3, IMAGE_SIZE, IMAGE_SIZE) and images.dtype == torch.float32
+    assert torch.equal(images, again) and captions == captions_again
+    assert not torch.equal(images, other)
+    assert images.min() >= -1 and images.max() <= 1
+
+
+def test_pixels_have_the_captioned_colours():
+    scenes = random_scenes(200, seed=4)
+    images = (render(scenes) + 1) / 2
+    for scene, image in zip(scenes, images):
+        assert (scene.size / 2 + MARGIN <= scene.centre_x <= IMAGE_SIZE - scene.size / 2 - MARGIN)
+        # The centre of the bounding box is inside every shape; the corners of the image never are.
+        centre = image[:, int(scene.centre_y), int(scene.centre_x)]
+        torch.testing.assert_close(centre, palette_tensor([scene.colour])[0])
+        torch.testing.assert_close(image[:, 0, 0], palette_tensor([scene.background])[0])
+
+
+def test_scorer_reads_the_dataset_images():
+    result = check_scorer(count=500, seed=5)
+    assert result.colour == result.background == result.shape == 1.0
+
+
+def test_scorer_names_shapes_and_finds_no_shape_on_a_plain_image():
+    scenes = random_scenes(30, seed=6)
+    for scene, image in zip(scenes, (render(scenes) + 1) / 2):
+        assert read_image(image).shape == scene.shape
+    plain = palette_tensor(["green"])[0][:, None, None].expand(3, IMAGE_SIZE, IMAGE_SIZE)
+    reading = read_image(plain)
+    assert reading.background == "green" and reading.colour is None and reading.shape is None
+
+
+# --------------------------------------------------------------------------------------------------
+# The shipped file
+
+
+def test_shipped_file_is_small_and_loads_strictly_with_the_training_configs():
+    assert DEFAULT_CHECKPOINT.stat().st_size < 30e6
+    model = load_checkpoint()  # the default checkpoint is the tiny model
+    assert model.kind == "SD 1.x" and model.prediction_type == "epsilon" and model.image_size == IMAGE_SIZE
+    assert model.text_encoder.config == train.TEXT_ENCODER
+    assert model.unet.config == train.UNET_CONFIG
+    assert model.vae.config.base_channels == train.VAE_CONFIG.base_channels
+    assert model.vae.config.channel_mult == train.VAE_CONFIG.channel_mult
+    # The real CLIP vocabulary and positions, and a scaling factor measured on the data.
+    assert model.text_encoder.config.vocab_size == 49408 and model.text_encoder.config.max_positions == 77
+    assert model.vae.config.scaling_factor != 0.18215
+    assert all(p.dtype == torch.float32 for p in model.unet.parameters())
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return load_checkpoint()
+
+
+def test_prompts_get_their_colours_and_shapes(tiny_model):
+    generate = pytest.importorskip("sd_scratch.sample").generate
+    asked = [("red", "circle", "blue"), ("yellow", "square", "black"), ("white", "triangle", "green"),
+             ("orange", "square", "purple"), ("blue", "circle", "white"), ("green", "triangle", "red")]
+    prompts = [f"a {c} {s} on a {b} background" for c, s, b in asked]
+    images = generate(tiny_model, prompts, steps=20, guidance=7.5, sampler="euler", seed=0)
+    assert images.shape == (len(asked), 3, IMAGE_SIZE, IMAGE_SIZE)
+    result = score(images, asked)
+    assert result.colour == 1.0 and result.background == 1.0
+    assert result.shape >= 5 / 6
