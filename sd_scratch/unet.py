@@ -62,6 +62,27 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
+@torch.compiler.disable  # a change of layout, not computation: torch.compile leaves it out of the graph
+def store_channels_last(module: nn.Module) -> None:
+    """Lay every convolution weight out channels-last in memory: (out, kh, kw, in) instead of (out, in, kh, kw).
+
+    torch's CPU convolutions (oneDNN) are faster when activations and weights are both channels-last
+    (NHWC), see `UNet.forward`. Shapes and values stay what they were, only the order in memory changes,
+    so the state_dict is the same. Called at the start of every forward, it does its work on the
+    first call only (after loading), where weights loaded lazily from the file are read in any case.
+    Each weight is permuted within its own memory, 256 output channels at a time, not copied: a copy
+    would keep the pages of a memory-mapped checkpoint resident next to it. (A tensor shared with
+    another module, e.g. through `load_state_dict(..., assign=True)`, is rearranged under it too.)
+    """
+    for weight in module.parameters():
+        if weight.ndim == 4 and weight.is_contiguous() and not weight.is_contiguous(memory_format=torch.channels_last):
+            out_channels, in_channels, kh, kw = weight.shape
+            rows = weight.data.view(out_channels, -1)  # one row per output channel, in either layout
+            for i in range(0, out_channels, 256):
+                rows[i:i + 256] = weight.data[i:i + 256].permute(0, 2, 3, 1).reshape(-1, rows.shape[1])
+            weight.data = rows.view(out_channels, kh, kw, in_channels).permute(0, 3, 1, 2)
+
+
 class GroupNorm32(nn.GroupNorm):
     """Group norm computed in float32 whatever the weights' dtype, as the original does, so fp16 stays stable."""
 
@@ -74,12 +95,14 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, out_channels: int, time_embed_dim: int, groups: int):
         super().__init__()
+        # SiLU in place: it overwrites the group norm's fresh output instead of allocating another tensor.
         self.in_layers = nn.Sequential(
-            GroupNorm32(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            GroupNorm32(groups, channels), nn.SiLU(inplace=True), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(time_embed_dim, out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(time_embed_dim, out_channels))  # not in place: time_emb is shared
         self.out_layers = nn.Sequential(
-            GroupNorm32(groups, out_channels), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            GroupNorm32(groups, out_channels), nn.SiLU(inplace=True), nn.Dropout(0.0),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1)
         )
         # A 1x1 convolution matches the channel count of the shortcut when the block changes width.
         self.skip_connection = nn.Conv2d(channels, out_channels, 1) if channels != out_channels else nn.Identity()
@@ -99,6 +122,7 @@ class Attention(nn.Module):
         inner_dim = heads * head_dim
         context_dim = context_dim or query_dim
         self.heads = heads
+        self.slices = 1  # see UNet.set_attention_slices
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
@@ -109,7 +133,10 @@ class Attention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         # (B, tokens, heads * head_dim) -> (B, heads, tokens, head_dim)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v
+        if self.slices == 1:
+            out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v
+        else:  # each query's softmax row is independent of the others: a few rows of queries at a time
+            out = torch.cat([F.scaled_dot_product_attention(part, k, v) for part in q.chunk(self.slices, dim=2)], dim=2)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
@@ -178,7 +205,9 @@ class SpatialTransformer(nn.Module):
         h = self.norm(x)
         if not self.use_linear_projection:
             h = self.proj_in(h)
-        h = h.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C): one token per latent pixel
+        # (B, C, H, W) -> (B, H*W, C): one token per latent pixel. With channels-last activations (see
+        # UNet.forward) a pixel's channels are already adjacent in memory, so this is a view, not a copy.
+        h = h.flatten(2).transpose(1, 2)
         if self.use_linear_projection:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
@@ -281,13 +310,28 @@ class UNet(nn.Module):
             GroupNorm32(c.norm_groups, ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1)
         )
 
+    def set_attention_slices(self, slices: int) -> None:
+        """Compute every attention in `slices` slices of queries, one after the other: the same result,
+        with 1/slices of the (queries x keys) score matrix in memory at a time. For devices whose
+        attention kernel writes that matrix out (4096 x 4096 per head for a 512 image); torch's fused
+        CPU and CUDA kernels never hold it whole anyway. 1 turns slicing off."""
+        if slices < 1:
+            raise ValueError(f"attention slices must be at least 1, got {slices}")
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.slices = slices
+
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
         """latents (B, 4, H/8, W/8), timestep scalar or (B,), context (B, 77, context_dim) -> noise (B, 4, H/8, W/8)."""
         timesteps = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(latents.shape[0])
         time_emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(latents.dtype))
         context = context.to(latents.dtype)
 
-        x = latents
+        # Channels-last (NHWC) weights and activations: every pixel's channels side by side in memory.
+        # torch's CPU convolutions are faster on it, and the transformers' tokens are then views, not
+        # copies. The same numbers in another order.
+        store_channels_last(self)
+        x = latents.to(memory_format=torch.channels_last)
         skips = []
         for block in self.input_blocks:
             x = block(x, time_emb, context)
@@ -297,4 +341,4 @@ class UNet(nn.Module):
             x = torch.cat([x, skips.pop()], dim=1)
             next_skip_size = skips[-1].shape[-2:] if skips else None
             x = block(x, time_emb, context, upsample_size=next_skip_size)
-        return self.out(x)
+        return self.out(x).contiguous()
