@@ -56,18 +56,20 @@ def classifier_free_guidance(noise_uncond: torch.Tensor, noise_cond: torch.Tenso
     return noise_uncond + scale * (noise_cond - noise_uncond)
 
 
-def latents_to_images(model: StableDiffusion, latents: torch.Tensor) -> torch.Tensor:
+def latents_to_images(model: StableDiffusion, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
     """Undo the latent scaling (SD 1.x/2.x: latents = 0.18215 * z), decode, map [-1, 1] to [0, 1].
 
+    tiled: decode in overlapping tiles (`VAE.decode_tiled`), for images too large to decode at once.
     A half-precision VAE can overflow to NaN on some images (a known weakness of SD's VAE in fp16);
     rather than save a black picture, we move the VAE to fp32 once and decode again.
     """
     vae = model.vae
-    images = vae.decode((latents / vae.config.scaling_factor).to(vae.post_quant_conv.weight.dtype))
+    decode = vae.decode_tiled if tiled else vae.decode
+    images = decode((latents / vae.config.scaling_factor).to(vae.post_quant_conv.weight.dtype))
     if not torch.isfinite(images).all() and images.dtype != torch.float32:
         warnings.warn("the half-precision VAE decode gave NaN or inf: the VAE now runs in float32", stacklevel=2)
         vae.float()
-        images = vae.decode((latents / vae.config.scaling_factor).float())
+        images = decode((latents / vae.config.scaling_factor).float())
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -84,6 +86,7 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
              eta: float | None = None, seed: int = 0,
              height: int | None = None, width: int | None = None, skip_last_layers: int | None = None,
              init_image: torch.Tensor | None = None, strength: float = 0.8, preview_every: int = 0,
+             attention_slices: int = 1, tiled_decode: bool = False, compile_unet: bool = False,
              progress: bool = True) -> torch.Tensor | Generation:
     """Images for `prompts` (one image per prompt; image i uses seed + i), as (B, 3, H, W) in [0, 1].
 
@@ -91,6 +94,9 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
     init_image: (B or 1, 3, H, W) in [-1, 1] for image-to-image, noised to `strength` (1 = pure noise).
     preview_every: if > 0, also return the decoded predicted clean image every that many UNet calls
     (then a Generation is returned instead of the bare tensor).
+    Memory and speed, all off by default and none changing the loop: attention_slices > 1 computes
+    attention a slice of queries at a time (`UNet.set_attention_slices`), tiled_decode decodes in
+    overlapping tiles (`VAE.decode_tiled`), compile_unet runs the UNet through torch.compile.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     batch = len(prompts)
@@ -101,6 +107,8 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
     skip_last_layers = model.skip_last_layers if skip_last_layers is None else skip_last_layers
     device, dtype = model.unet.out[2].weight.device, model.unet.out[2].weight.dtype
     guided = guidance > 1  # at guidance 1 the unconditional half would cancel out: skip it, as diffusers does
+    model.unet.set_attention_slices(attention_slices)
+    unet = torch.compile(model.unet) if compile_unet else model.unet
 
     # 1. Text -> embeddings, for the prompt and for the negative prompt that guidance steers away from
     cond = encode_prompts(model, prompts, skip_last_layers).to(dtype)
@@ -130,16 +138,16 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
     for i, t in enumerate(tqdm(plan.timesteps, disable=not progress, desc=sampler)):
         model_input = samplers.scale_model_input(plan, i, latents)
         if guided:
-            noise_uncond, noise_cond = model.unet(torch.cat([model_input] * 2), t, context).chunk(2)
+            noise_uncond, noise_cond = unet(torch.cat([model_input] * 2), t, context).chunk(2)
             noise_pred = classifier_free_guidance(noise_uncond, noise_cond, guidance)
         else:
-            noise_pred = model.unet(model_input, t, cond)
+            noise_pred = unet(model_input, t, cond)
         if preview_every and (i + 1) % preview_every == 0:
-            previews.append(latents_to_images(model, samplers.predicted_x0(plan, i, latents, noise_pred)))
+            previews.append(latents_to_images(model, samplers.predicted_x0(plan, i, latents, noise_pred), tiled_decode))
         latents, state = samplers.step(plan, i, latents, noise_pred, state, generators)
 
     # 5. Latents -> pixels
-    images = latents_to_images(model, latents)
+    images = latents_to_images(model, latents, tiled_decode)
     return Generation(images, previews) if preview_every else images
 
 
@@ -209,6 +217,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--strength", type=float, help="image-to-image: how much noise to add, in (0, 1] (default: 0.8)")
     p.add_argument("--save-intermediates", type=int, default=0, metavar="K",
                    help="also save a strip of the predicted clean image every K steps")
+    p.add_argument("--attention-slices", type=int, default=1, metavar="N",
+                   help="compute attention N slices of queries at a time: same images, less memory (default: 1, off)")
+    p.add_argument("--tiled-decode", action="store_true",
+                   help="decode the latents in overlapping, cross-faded tiles: for images too large to decode at once")
+    p.add_argument("--compile", action="store_true", help="run the UNet through torch.compile (slow first step)")
     return p
 
 
@@ -251,6 +264,8 @@ def check_arguments(args) -> list[str]:
         raise UsageError(f"--clip-skip must not be negative, got {args.clip_skip}")
     if args.save_intermediates < 0:
         raise UsageError("--save-intermediates must be 0 (off) or a positive number of steps")
+    if args.attention_slices < 1:
+        raise UsageError(f"--attention-slices must be at least 1 (1 is off), got {args.attention_slices}")
     if args.init_image is not None:
         from PIL import Image, UnidentifiedImageError
         try:
@@ -309,7 +324,8 @@ def run(args, prompts: list[str]) -> int:
                               karras=args.karras, eta=args.eta,
                               seed=first_seed, height=height, width=width, skip_last_layers=skip,
                               init_image=init_image, strength=args.strength or 0.8,
-                              preview_every=args.save_intermediates)
+                              preview_every=args.save_intermediates, attention_slices=args.attention_slices,
+                              tiled_decode=args.tiled_decode, compile_unet=args.compile)
             images = result.images if isinstance(result, Generation) else result
             for i, image in enumerate(to_pil(images)):
                 settings = {"Steps": args.steps, "Sampler": SAMPLER_LABELS[args.sampler] + (" Karras" if args.karras else ""),
