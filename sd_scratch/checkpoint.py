@@ -25,6 +25,8 @@ import dataclasses
 import json
 import mmap
 import re
+import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,6 +129,7 @@ class _TensorFile:
         self._entries, self._data_start = self._read_header(path, head)
         with open(path, "rb") as f:  # copy-on-write mapping: tensors viewing it are writable, the file is not
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        _MAPPINGS.append(weakref.ref(self._map))
         self.metadata = self._entries.pop("__metadata__", None) or {}
         self.keys = list(self._entries)
 
@@ -210,6 +213,42 @@ class _TensorFile:
         last_page = end // mmap.PAGESIZE * mmap.PAGESIZE
         if last_page > first_page:
             self._map.madvise(mmap.MADV_DONTNEED, first_page, last_page - first_page)
+
+
+_MAPPINGS: list[weakref.ref] = []  # the memory-mapped files that loaded weights are views of (alive while they are)
+MADV_PAGEOUT = 21  # Linux >= 5.4; Python's mmap module does not always name it
+
+
+def release_weights(module: nn.Module) -> None:
+    """Let the OS reclaim the memory of `module`'s weights that are still untouched views of a checkpoint file.
+
+    A single-file fp32 checkpoint loaded in fp32 on the CPU is not copied: its weights are the file's
+    pages, read into memory when first used. Once a network has done its part of a run (the text
+    encoder after the prompts, the UNet after the loop), `generate` calls this so that those pages
+    stop counting against the process while the next network works. Nothing is lost: MADV_PAGEOUT
+    drops a clean page of a file, and the weight is read again from the file (or the OS's cache)
+    the next time it is used. Weights rearranged in place (the channels-last convolutions, see
+    unet.store_channels_last) are no longer the file's bytes and are left alone, as are weights that
+    were copied by a cast or a move to the GPU. Linux only; elsewhere, and on kernels before 5.4,
+    it does nothing.
+    """
+    if sys.platform != "linux":
+        return
+    alive = [mapping for mapping in (ref() for ref in _MAPPINGS) if mapping is not None]
+    _MAPPINGS[:] = [weakref.ref(mapping) for mapping in alive]
+    mappings = [(mapping, torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()) for mapping in alive]
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            continue
+        storage = tensor.untyped_storage()
+        for mapping, start in mappings:
+            offset = storage.data_ptr() - start
+            if 0 <= offset < len(mapping):
+                first_page = offset // mmap.PAGESIZE * mmap.PAGESIZE
+                try:
+                    mapping.madvise(MADV_PAGEOUT, first_page, min(offset + storage.nbytes(), len(mapping)) - first_page)
+                except OSError:  # EINVAL: a kernel without MADV_PAGEOUT
+                    return
 
 
 class _ShapeView(dict):

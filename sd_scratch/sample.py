@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sd_scratch import samplers
-from sd_scratch.checkpoint import StableDiffusion
+from sd_scratch.checkpoint import StableDiffusion, release_weights
 
 
 @dataclass
@@ -115,6 +115,7 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
     if guided:
         uncond = encode_prompts(model, [negative_prompt] * batch, skip_last_layers).to(dtype)
         context = torch.cat([uncond, cond])  # (2B, 77, width): one UNet call serves both halves
+    release_weights(model.text_encoder)  # done with it: weights still in the file need no memory now
 
     # 2. The sampler's walk down the noise levels
     plan = samplers.make_plan(sampler, steps, spacing=spacing, karras=karras, eta=eta,
@@ -147,6 +148,7 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
         latents, state = samplers.step(plan, i, latents, noise_pred, state, generators)
 
     # 5. Latents -> pixels
+    release_weights(model.unet)
     images = latents_to_images(model, latents, tiled_decode)
     return Generation(images, previews) if preview_every else images
 

@@ -24,7 +24,9 @@ from small_models import (
     small_sd,
     transformers_clip_config,
 )
-from sd_scratch.checkpoint import CheckpointError, infer_unet_config, load_checkpoint, save_checkpoint
+import sys
+
+from sd_scratch.checkpoint import CheckpointError, infer_unet_config, load_checkpoint, release_weights, save_checkpoint
 from sd_scratch.tokenizer import WEIGHTS_DIR
 from sd_scratch.unet import UNetConfig
 
@@ -211,6 +213,35 @@ def test_fp16_file_loads_into_fp32(sd1_file, tmp_path):
     model = load_checkpoint(tmp_path / "half.safetensors", dtype=torch.float32)
     assert model.unet.out[2].weight.dtype == torch.float32
     assert torch.equal(model.unet.out[2].weight, half["model.diffusion_model.out.2.weight"].float())
+
+
+def resident_file_bytes() -> int:
+    status = open("/proc/self/status").read()
+    return int(status.split("RssFile:")[1].split()[0]) * 1024
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MADV_PAGEOUT and /proc/self/status are Linux's")
+def test_release_weights_hands_back_file_pages_and_keeps_every_value(tmp_path):
+    """An fp32 file loaded in fp32 is viewed, not copied. After release_weights the text encoder's
+    pages no longer count against the process, and the weights read back exactly as they were,
+    including one written in place after loading (its page is no longer the file's, so it stays)."""
+    text_encoder, unet, vae = small_sd(2)  # a 1024-wide text encoder: its token embedding is 202 MB
+    save_checkpoint(tmp_path / "model.safetensors", text_encoder, unet, vae)
+    model = load_checkpoint(tmp_path / "model.safetensors", dtype=torch.float32)
+    ids = sample_inputs(1024)["ids"]
+    embedding = model.text_encoder.text_model.embeddings.token_embedding.weight
+    written = model.text_encoder.text_model.final_layer_norm.weight
+    with torch.no_grad():
+        written.add_(1.0)  # copy-on-write: this page of the mapping is now the process's own
+        expected_written = written.clone()
+        embedding_sum = embedding.sum()  # reads every page; a forward pass reads only its tokens' rows
+        before = model.text_encoder(ids)
+        resident_before = resident_file_bytes()
+        release_weights(model.text_encoder)
+        assert resident_before - resident_file_bytes() > 0.9 * embedding.numel() * 4
+        assert torch.equal(written, expected_written)
+        assert torch.equal(embedding.sum(), embedding_sum)
+        assert torch.equal(model.text_encoder(ids), before)
 
 
 def _metadata(path):
