@@ -30,7 +30,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sd_scratch.tiny.dataset import COLOURS, SHAPES, caption, make_dataset, palette_tensor
+from sd_scratch.checkpoint import load_checkpoint
+from sd_scratch.sample import generate
+from sd_scratch.samplers import SAMPLER_NAMES
+from sd_scratch.tiny.dataset import COLOURS, SHAPES, Scene, caption, palette_tensor, random_scenes, render
 
 BORDER = 2  # pixels of the image edge read as background
 # A pixel belongs to the shape if it is this far (RGB distance, channels in [0, 1]) from the background:
@@ -134,8 +137,6 @@ def evaluation_prompts(repeats: int = 2, shuffle_seed: int = 0) -> list[tuple[st
 
 def check_scorer(count: int = 1000, seed: int = 12345) -> Score:
     """Score the dataset's own images: how often the scorer reads the truth from a perfect picture."""
-    from sd_scratch.tiny.dataset import random_scenes, render
-
     scenes = random_scenes(count, seed)
     images = (render(scenes) + 1) / 2
     return score(images, [(s.colour, s.shape, s.background) for s in scenes])
@@ -143,8 +144,6 @@ def check_scorer(count: int = 1000, seed: int = 12345) -> Score:
 
 def evaluate(model, samplers, guidances, prompts, steps: int = 25, batch_size: int = 48):
     """Generate every prompt with every sampler and guidance scale; yields (sampler, guidance, Score, seconds)."""
-    from sd_scratch.sample import generate
-
     for sampler in samplers:
         for guidance in guidances:
             start = time.perf_counter()
@@ -158,8 +157,6 @@ def evaluate(model, samplers, guidances, prompts, steps: int = 25, batch_size: i
 
 def empty_prompt_readings(model, count: int = 16, steps: int = 25, guidance: float = 7.5) -> list[Reading]:
     """What the empty prompt draws at `count` seeds: it should be any shape in any colours."""
-    from sd_scratch.sample import generate
-
     images = generate(model, [""] * count, steps=steps, guidance=guidance, seed=FIRST_SEED, progress=False)
     return [read_image(image) for image in images]
 
@@ -171,9 +168,6 @@ IMG2IMG_PROMPT = ("blue", "square", "yellow")
 def image_to_image_score(model, count: int = 8, strength: float = 0.5, steps: int = 25,
                          guidance: float = 7.5, sampler: str = "euler") -> Score:
     """Start from a picture of a red square and ask for a blue square on a yellow background."""
-    from sd_scratch.sample import generate
-    from sd_scratch.tiny.dataset import Scene, render
-
     start = render([Scene(*IMG2IMG_START, centre_x=30.0, centre_y=34.0, size=30.0)])
     images = generate(model, [caption(*IMG2IMG_PROMPT)] * count, steps=steps, guidance=guidance,
                       sampler=sampler, seed=FIRST_SEED, init_image=start, strength=strength, progress=False)
@@ -181,9 +175,6 @@ def image_to_image_score(model, count: int = 8, strength: float = 0.5, steps: in
 
 
 def main():
-    from sd_scratch.checkpoint import load_checkpoint
-    from sd_scratch.samplers import SAMPLER_NAMES
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="default: weights/tiny_sd.safetensors")
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLER_NAMES), choices=SAMPLER_NAMES)
@@ -215,8 +206,9 @@ def main():
     readings = empty_prompt_readings(model)
     kinds = {(r.colour, r.shape, r.background) for r in readings}
     print(f"empty prompt, {len(readings)} seeds: {len(kinds)} different (colour, shape, background), "
-          f"{len({r.colour for r in readings})} shape colours, {len({r.background for r in readings})} backgrounds, "
-          f"{len({r.shape for r in readings})} shapes")
+          f"{len({r.colour for r in readings} - {None})} shape colours, {len({r.background for r in readings})} "
+          f"backgrounds, {len({r.shape for r in readings} - {None})} shapes, "
+          f"{sum(r.shape is None for r in readings)} with no shape found")
     result = image_to_image_score(model)
     print(f"image to image, {caption(*IMG2IMG_START)} -> {caption(*IMG2IMG_PROMPT)!r} at strength 0.5: "
           f"colour {result.colour:.0%}, background {result.background:.0%}, square kept {result.shape:.0%}")
