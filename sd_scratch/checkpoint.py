@@ -191,7 +191,11 @@ class _TensorFile:
         """
         tensor = self._pickle[key] if self._pickle is not None else self._view(key)
         target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-        result = tensor.to(device=device or tensor.device, dtype=target_dtype)
+        # Convolution weights come out channels-last, the layout the UNet and VAE compute in (see
+        # unet.store_channels_last). Made here as a copy: rearranging them later, in place, would write
+        # into the copy-on-write mapping, one page fault per 4 KB page (12 s for the UNet on our VM).
+        layout = torch.channels_last if tensor.ndim == 4 else torch.preserve_format
+        result = tensor.to(device=device or tensor.device, dtype=target_dtype, memory_format=layout)
         if self._pickle is None and result.data_ptr() != tensor.data_ptr():
             self._release(key)
         return result
@@ -220,17 +224,16 @@ MADV_PAGEOUT = 21  # Linux >= 5.4; Python's mmap module does not always name it
 
 
 def release_weights(module: nn.Module) -> None:
-    """Let the OS reclaim the memory of `module`'s weights that are still untouched views of a checkpoint file.
+    """Let the OS reclaim the memory of `module`'s weights that are views of a checkpoint file.
 
-    A single-file fp32 checkpoint loaded in fp32 on the CPU is not copied: its weights are the file's
-    pages, read into memory when first used. Once a network has done its part of a run (the text
-    encoder after the prompts, the UNet after the loop), `generate` calls this so that those pages
-    stop counting against the process while the next network works. Nothing is lost: MADV_PAGEOUT
-    drops a clean page of a file, and the weight is read again from the file (or the OS's cache)
-    the next time it is used. Weights rearranged in place (the channels-last convolutions, see
-    unet.store_channels_last) are no longer the file's bytes and are left alone, as are weights that
-    were copied by a cast or a move to the GPU. Linux only; elsewhere, and on kernels before 5.4,
-    it does nothing.
+    A single-file checkpoint loaded on the CPU in its own dtype is not copied (convolution weights
+    apart, see `_TensorFile.get`): its weights are the file's pages, read into memory when first
+    used. Once a network has done its part of a run (the text encoder after the prompts, the UNet
+    after the loop), `generate` calls this so that those pages stop counting against the process
+    while the next network works. Nothing is lost: MADV_PAGEOUT drops a clean page of the file, to
+    be read again from the file (or the OS's cache) when the weight is next used; a page written
+    since loading has no copy in the file and stays. Copied weights (a cast, the GPU) are untouched.
+    Linux only; elsewhere, and on kernels before 5.4, it does nothing.
     """
     if sys.platform != "linux":
         return
@@ -238,7 +241,7 @@ def release_weights(module: nn.Module) -> None:
     _MAPPINGS[:] = [weakref.ref(mapping) for mapping in alive]
     mappings = [(mapping, torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()) for mapping in alive]
     for tensor in [*module.parameters(), *module.buffers()]:
-        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        if tensor.device.type != "cpu":
             continue
         storage = tensor.untyped_storage()
         for mapping, start in mappings:

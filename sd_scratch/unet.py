@@ -69,10 +69,11 @@ def store_channels_last(module: nn.Module) -> None:
     torch's CPU convolutions (oneDNN) are faster when activations and weights are both channels-last
     (NHWC), see `UNet.forward`. Shapes and values stay what they were, only the order in memory changes,
     so the state_dict is the same. Called at the start of every forward, it does its work on the
-    first call only (after loading), where weights loaded lazily from the file are read in any case.
-    Each weight is permuted within its own memory, 256 output channels at a time, not copied: a copy
-    would keep the pages of a memory-mapped checkpoint resident next to it. (A tensor shared with
-    another module, e.g. through `load_state_dict(..., assign=True)`, is rearranged under it too.)
+    first call only. `load_checkpoint` already hands out convolution weights channels-last, so this
+    is for networks built otherwise (the tests, training). Each weight is permuted within its own
+    memory, 256 output channels at a time, not copied, so that a large network is never held twice.
+    (A tensor shared with another module, e.g. through `load_state_dict(..., assign=True)`, is
+    rearranged under it too.)
     """
     for weight in module.parameters():
         if weight.ndim == 4 and weight.is_contiguous() and not weight.is_contiguous(memory_format=torch.channels_last):
@@ -81,6 +82,31 @@ def store_channels_last(module: nn.Module) -> None:
             for i in range(0, out_channels, 256):
                 rows[i:i + 256] = weight.data[i:i + 256].permute(0, 2, 3, 1).reshape(-1, rows.shape[1])
             weight.data = rows.view(out_channels, kh, kw, in_channels).permute(0, 3, 1, 2)
+
+
+# On the CPU, convolutions of feature maps with at most this many pixels skip oneDNN (see Conv2d).
+SMALL_MAP_PIXELS = 16 * 16
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d, except that on the CPU a small feature map is convolved by PyTorch's own im2col + GEMM.
+
+    oneDNN, torch's usual CPU convolution, first rewrites the weight into its own blocked layout, on
+    every call. Its cost grows with the weight (in x out x 3 x 3), the arithmetic's with the weight
+    times the pixels, so on the UNet's deepest levels (1280 channels, 8x8 latent pixels for a 512
+    image, 4x4 for 256) the rewrite costs more than the convolution: a 1280 -> 1280 3x3 convolution of a
+    4x4 map takes 26 ms through oneDNN and 7 ms without it. The same sums in another order.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.shape[-2] * x.shape[-1] > SMALL_MAP_PIXELS or torch.compiler.is_compiling():
+            return super().forward(x)
+        enabled = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False
+        try:
+            return super().forward(x)
+        finally:
+            torch.backends.mkldnn.enabled = enabled
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -97,15 +123,15 @@ class ResBlock(nn.Module):
         super().__init__()
         # SiLU in place: it overwrites the group norm's fresh output instead of allocating another tensor.
         self.in_layers = nn.Sequential(
-            GroupNorm32(groups, channels), nn.SiLU(inplace=True), nn.Conv2d(channels, out_channels, 3, padding=1)
+            GroupNorm32(groups, channels), nn.SiLU(inplace=True), Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(time_embed_dim, out_channels))  # not in place: time_emb is shared
         self.out_layers = nn.Sequential(
             GroupNorm32(groups, out_channels), nn.SiLU(inplace=True), nn.Dropout(0.0),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            Conv2d(out_channels, out_channels, 3, padding=1)
         )
         # A 1x1 convolution matches the channel count of the shortcut when the block changes width.
-        self.skip_connection = nn.Conv2d(channels, out_channels, 1) if channels != out_channels else nn.Identity()
+        self.skip_connection = Conv2d(channels, out_channels, 1) if channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
@@ -191,14 +217,14 @@ class SpatialTransformer(nn.Module):
         if use_linear_projection:
             self.proj_in = nn.Linear(channels, inner_dim)
         else:
-            self.proj_in = nn.Conv2d(channels, inner_dim, 1)
+            self.proj_in = Conv2d(channels, inner_dim, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner_dim, heads, head_dim, context_dim) for _ in range(depth)
         )
         if use_linear_projection:
             self.proj_out = nn.Linear(inner_dim, channels)
         else:
-            self.proj_out = nn.Conv2d(inner_dim, channels, 1)
+            self.proj_out = Conv2d(inner_dim, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         _, _, height, width = x.shape
@@ -223,7 +249,7 @@ class SpatialTransformer(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -232,7 +258,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         # Nearest-neighbour to the size of the skip connection that comes next: twice the input,
@@ -276,7 +302,7 @@ class UNet(nn.Module):
                                       c.use_linear_projection, c.norm_groups)
 
         # The way down: remember the width of every block's output, each becomes a skip connection.
-        self.input_blocks = nn.ModuleList([Block([nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([Block([Conv2d(c.in_channels, c.model_channels, 3, padding=1)])])
         skip_channels = [c.model_channels]
         ch = c.model_channels
         last_level = len(c.channel_mult) - 1
@@ -307,7 +333,7 @@ class UNet(nn.Module):
                 self.output_blocks.append(Block(layers))
 
         self.out = nn.Sequential(
-            GroupNorm32(c.norm_groups, ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1)
+            GroupNorm32(c.norm_groups, ch), nn.SiLU(), Conv2d(ch, c.out_channels, 3, padding=1)
         )
 
     def set_attention_slices(self, slices: int) -> None:
