@@ -191,11 +191,7 @@ class _TensorFile:
         """
         tensor = self._pickle[key] if self._pickle is not None else self._view(key)
         target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-        # Convolution weights come out channels-last, the layout the UNet and VAE compute in (see
-        # unet.store_channels_last). Made here as a copy: rearranging them later, in place, would write
-        # into the copy-on-write mapping, one page fault per 4 KB page (12 s for the UNet on our VM).
-        layout = torch.channels_last if tensor.ndim == 4 else torch.preserve_format
-        result = tensor.to(device=device or tensor.device, dtype=target_dtype, memory_format=layout)
+        result = tensor.to(device=device or tensor.device, dtype=target_dtype)
         if self._pickle is None and result.data_ptr() != tensor.data_ptr():
             self._release(key)
         return result
@@ -226,9 +222,8 @@ MADV_PAGEOUT = 21  # Linux >= 5.4; Python's mmap module does not always name it
 def release_weights(module: nn.Module) -> None:
     """Let the OS reclaim the memory of `module`'s weights that are views of a checkpoint file.
 
-    A single-file checkpoint loaded on the CPU in its own dtype is not copied (convolution weights
-    apart, see `_TensorFile.get`): its weights are the file's pages, read into memory when first
-    used. Once a network has done its part of a run (the text encoder after the prompts, the UNet
+    A single-file checkpoint loaded on the CPU in its own dtype is not copied: its weights are the
+    file's pages, read into memory when first used. Once a network has done its part of a run (the text encoder after the prompts, the UNet
     after the loop), `generate` calls this so that those pages stop counting against the process
     while the next network works. Nothing is lost: MADV_PAGEOUT drops a clean page of the file, to
     be read again from the file (or the OS's cache) when the weight is next used; a page written

@@ -62,28 +62,6 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-@torch.compiler.disable  # a change of layout, not computation: torch.compile leaves it out of the graph
-def store_channels_last(module: nn.Module) -> None:
-    """Lay every convolution weight out channels-last in memory: (out, kh, kw, in) instead of (out, in, kh, kw).
-
-    torch's CPU convolutions (oneDNN) are faster when activations and weights are both channels-last
-    (NHWC), see `UNet.forward`. Shapes and values stay what they were, only the order in memory changes,
-    so the state_dict is the same. Called at the start of every forward, it does its work on the
-    first call only. `load_checkpoint` already hands out convolution weights channels-last, so this
-    is for networks built otherwise (the tests, training). Each weight is permuted within its own
-    memory, 256 output channels at a time, not copied, so that a large network is never held twice.
-    (A tensor shared with another module, e.g. through `load_state_dict(..., assign=True)`, is
-    rearranged under it too.)
-    """
-    for weight in module.parameters():
-        if weight.ndim == 4 and weight.is_contiguous() and not weight.is_contiguous(memory_format=torch.channels_last):
-            out_channels, in_channels, kh, kw = weight.shape
-            rows = weight.data.view(out_channels, -1)  # one row per output channel, in either layout
-            for i in range(0, out_channels, 256):
-                rows[i:i + 256] = weight.data[i:i + 256].permute(0, 2, 3, 1).reshape(-1, rows.shape[1])
-            weight.data = rows.view(out_channels, kh, kw, in_channels).permute(0, 3, 1, 2)
-
-
 # On the CPU, convolutions of feature maps with at most this many pixels skip oneDNN (see Conv2d).
 SMALL_MAP_PIXELS = 16 * 16
 
@@ -231,9 +209,7 @@ class SpatialTransformer(nn.Module):
         h = self.norm(x)
         if not self.use_linear_projection:
             h = self.proj_in(h)
-        # (B, C, H, W) -> (B, H*W, C): one token per latent pixel. With channels-last activations (see
-        # UNet.forward) a pixel's channels are already adjacent in memory, so this is a view, not a copy.
-        h = h.flatten(2).transpose(1, 2)
+        h = h.flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, H*W, C): one token per latent pixel
         if self.use_linear_projection:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
@@ -353,11 +329,7 @@ class UNet(nn.Module):
         time_emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(latents.dtype))
         context = context.to(latents.dtype)
 
-        # Channels-last (NHWC) weights and activations: every pixel's channels side by side in memory.
-        # torch's CPU convolutions are faster on it, and the transformers' tokens are then views, not
-        # copies. The same numbers in another order.
-        store_channels_last(self)
-        x = latents.to(memory_format=torch.channels_last)
+        x = latents
         skips = []
         for block in self.input_blocks:
             x = block(x, time_emb, context)
@@ -367,4 +339,4 @@ class UNet(nn.Module):
             x = torch.cat([x, skips.pop()], dim=1)
             next_skip_size = skips[-1].shape[-2:] if skips else None
             x = block(x, time_emb, context, upsample_size=next_skip_size)
-        return self.out(x).contiguous()
+        return self.out(x)

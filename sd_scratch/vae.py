@@ -39,7 +39,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sd_scratch.unet import store_channels_last
+
+@torch.compiler.disable  # a change of layout, not computation: torch.compile leaves it out of the graph
+def store_channels_last(module: nn.Module) -> None:
+    """Lay every convolution weight out channels-last in memory: (out, kh, kw, in) instead of (out, in, kh, kw).
+
+    torch's CPU convolutions (oneDNN) are faster on the decoder's large feature maps when activations
+    and weights are both channels-last (NHWC), see `VAE.decode`. Shapes and values stay what they
+    were, only the order in memory changes, so the state_dict is the same. Called at the start of
+    every decode, it does its work on the first call only. Each weight is permuted within its own
+    memory, 256 output channels at a time, not copied, so the weights are never held twice. (A
+    tensor shared with another module, e.g. through `load_state_dict(..., assign=True)`, is
+    rearranged under it too.)
+    """
+    for weight in module.parameters():
+        if weight.ndim == 4 and weight.is_contiguous() and not weight.is_contiguous(memory_format=torch.channels_last):
+            out_channels, in_channels, kh, kw = weight.shape
+            rows = weight.data.view(out_channels, -1)  # one row per output channel, in either layout
+            for i in range(0, out_channels, 256):
+                rows[i:i + 256] = weight.data[i:i + 256].permute(0, 2, 3, 1).reshape(-1, rows.shape[1])
+            weight.data = rows.view(out_channels, kh, kw, in_channels).permute(0, 3, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -256,7 +275,7 @@ class VAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latents z -> images in about [-1, 1] (clamp before turning them into pixels)."""
-        store_channels_last(self)  # channels-last weights and activations, as in the UNet: faster convolutions
+        store_channels_last(self)  # channels-last weights and activations: faster convolutions on the CPU
         return self.decoder(self.post_quant_conv(z.to(memory_format=torch.channels_last))).contiguous()
 
     def decode_tiled(self, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:

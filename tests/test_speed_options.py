@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from small_models import VAE_SMALL, randomize
-from sd_scratch.unet import UNet, UNetConfig, store_channels_last
+from sd_scratch.unet import UNet, UNetConfig
+from sd_scratch.vae import store_channels_last
 from sd_scratch.vae import VAE, ramp, tile_starts
 
 UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
@@ -31,7 +32,7 @@ def test_attention_slices_must_be_positive():
 
 @torch.no_grad()
 def test_channels_last_weights_keep_values_and_state_dict():
-    unet = randomize(UNet(UNET), seed=0)
+    unet = randomize(UNet(UNET), seed=0)  # any network with convolutions: the VAE uses it
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     store_channels_last(unet)
     after = unet.state_dict()
