@@ -40,25 +40,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
-@torch.compiler.disable  # a change of layout, not computation: torch.compile leaves it out of the graph
 def store_channels_last(module: nn.Module) -> None:
     """Lay every convolution weight out channels-last in memory: (out, kh, kw, in) instead of (out, in, kh, kw).
 
     torch's CPU convolutions (oneDNN) are faster on the decoder's large feature maps when activations
     and weights are both channels-last (NHWC), see `VAE.decode`. Shapes and values stay what they
     were, only the order in memory changes, so the state_dict is the same. Called at the start of
-    every decode, it does its work on the first call only. Each weight is permuted within its own
-    memory, 256 output channels at a time, not copied, so the weights are never held twice. (A
-    tensor shared with another module, e.g. through `load_state_dict(..., assign=True)`, is
-    rearranged under it too.)
+    every decode, it does its work on the first call only. Each weight is copied, not permuted in
+    place: a weight loaded from a file is a view of its memory-mapped pages, and writing to those
+    costs a copy-on-write page fault per 4 KB page (over a second for SD's VAE on our VM).
     """
     for weight in module.parameters():
-        if weight.ndim == 4 and weight.is_contiguous() and not weight.is_contiguous(memory_format=torch.channels_last):
-            out_channels, in_channels, kh, kw = weight.shape
-            rows = weight.data.view(out_channels, -1)  # one row per output channel, in either layout
-            for i in range(0, out_channels, 256):
-                rows[i:i + 256] = weight.data[i:i + 256].permute(0, 2, 3, 1).reshape(-1, rows.shape[1])
-            weight.data = rows.view(out_channels, kh, kw, in_channels).permute(0, 3, 1, 2)
+        if weight.ndim == 4 and not weight.is_contiguous(memory_format=torch.channels_last):
+            weight.data = weight.data.contiguous(memory_format=torch.channels_last)
 
 
 @dataclass(frozen=True)
