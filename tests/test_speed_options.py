@@ -5,8 +5,7 @@ import torch
 
 from small_models import VAE_SMALL, randomize
 from sd_scratch.unet import UNet, UNetConfig
-from sd_scratch.vae import store_channels_last
-from sd_scratch.vae import VAE, ramp, tile_starts
+from sd_scratch.vae import VAE, ramp, store_channels_last, tile_starts
 
 UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
                   num_heads=4, context_dim=48, norm_groups=8)
@@ -32,14 +31,17 @@ def test_attention_slices_must_be_positive():
 
 @torch.no_grad()
 def test_channels_last_weights_keep_values_and_state_dict():
-    unet = randomize(UNet(UNET), seed=0)  # any network with convolutions: the VAE uses it
-    before = {k: v.clone() for k, v in unet.state_dict().items()}
-    store_channels_last(unet)
-    after = unet.state_dict()
+    vae = randomize(VAE(VAE_SMALL), seed=0)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    z = torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(2))
+    decoded = vae.decoder(vae.post_quant_conv(z))  # contiguous weights and activations
+    store_channels_last(vae)
+    after = vae.state_dict()
     assert list(after) == list(before)
     assert all(torch.equal(after[k], before[k]) for k in before)
-    conv = unet.input_blocks[1][0].in_layers[2].weight
+    conv = vae.decoder.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert (vae.decode(z) - decoded).abs().max() <= 1e-5  # the same numbers, summed in another order
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,3 +165,22 @@ def test_compiled_unet_gives_the_same_images(small_checkpoint):
     plain = generate(model, "a red circle", **settings)
     compiled = generate(model, "a red circle", compile_unet=True, **settings)
     assert (compiled - plain).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("side", [4, 16, 17, 32])
+def test_small_map_convolution_equals_onednn_and_restores_the_flag(side):
+    """unet.Conv2d takes torch's own path on maps of at most SMALL_MAP_PIXELS: the same convolution."""
+    from sd_scratch.unet import SMALL_MAP_PIXELS, Conv2d
+
+    assert SMALL_MAP_PIXELS == 16 * 16
+    conv = randomize(Conv2d(64, 48, 3, padding=1), seed=3)
+    x = torch.randn(2, 64, side, side, generator=torch.Generator().manual_seed(4))
+    expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)  # oneDNN, as torch does by default
+    assert torch.backends.mkldnn.enabled
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        result = conv(x)
+    used_onednn = any(event.name == "aten::mkldnn_convolution" for event in profile.events())
+    assert used_onednn == (side * side > SMALL_MAP_PIXELS)
+    assert (result - expected).abs().max() <= 1e-5
+    assert torch.backends.mkldnn.enabled  # switched off for the call only
