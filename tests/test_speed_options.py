@@ -170,10 +170,10 @@ def test_compiled_unet_gives_the_same_images(small_checkpoint):
 @torch.no_grad()
 @pytest.mark.parametrize("side", [4, 16, 17, 32])
 def test_small_map_convolution_equals_onednn_and_restores_the_flag(side):
-    """unet.Conv2d takes torch's own path on maps of at most SMALL_MAP_PIXELS: the same convolution."""
-    from sd_scratch.unet import SMALL_MAP_PIXELS, Conv2d
+    """unet.Conv2d takes torch's own path on inputs of at most SMALL_CONV_POSITIONS: the same convolution."""
+    from sd_scratch.unet import SMALL_CONV_POSITIONS, Conv2d
 
-    assert SMALL_MAP_PIXELS == 16 * 16
+    assert SMALL_CONV_POSITIONS == 2 * 16 * 16
     conv = randomize(Conv2d(64, 48, 3, padding=1), seed=3)
     x = torch.randn(2, 64, side, side, generator=torch.Generator().manual_seed(4))
     expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)  # oneDNN, as torch does by default
@@ -181,6 +181,6 @@ def test_small_map_convolution_equals_onednn_and_restores_the_flag(side):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         result = conv(x)
     used_onednn = any(event.name == "aten::mkldnn_convolution" for event in profile.events())
-    assert used_onednn == (side * side > SMALL_MAP_PIXELS)
+    assert used_onednn == (2 * side * side > SMALL_CONV_POSITIONS)  # batch 2
     assert (result - expected).abs().max() <= 1e-5
     assert torch.backends.mkldnn.enabled  # switched off for the call only
