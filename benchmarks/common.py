@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import json
 import platform
 import statistics
 import subprocess
@@ -152,3 +153,12 @@ def write_diffusers_folder(single_file: Path, folder: Path, dtype: str) -> None:
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=clip, tokenizer=tokenizer, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
+
+
+def run_in_fresh_process(code: str, *args: str) -> dict:
+    """Run `code` in a new Python process (its own ru_maxrss, nothing cached) with `args` as sys.argv[1:],
+    and return the JSON object its last line of output prints."""
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -14,13 +14,10 @@ returns, the time until every weight has been read, and the process's peak resid
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
-from common import FP16_FILE, THREADS, diffusers_folder, summary, write_table
+from common import FP16_FILE, THREADS, diffusers_folder, run_in_fresh_process, summary, write_table
 
 FOLDER_FP16 = Path("/tmp/sd15_random_diffusers_fp16")
 
@@ -60,10 +57,7 @@ print(json.dumps(dict(returned=returned, touched=touched, peak=resource.getrusag
 
 
 def load(code: str, path: Path, dtype: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code + TOUCH, str(path), dtype], capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_in_fresh_process(code + TOUCH, str(path), dtype)
 
 
 def main():

@@ -18,14 +18,11 @@ Writes benchmarks/results/tiled_decode.md.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
 
 import numpy as np
 
-from common import FP32_FILE, THREADS, write_table
+from common import FP32_FILE, THREADS, run_in_fresh_process, write_table
 
 CHILD = f"""
 import json, resource, sys, time
@@ -46,11 +43,7 @@ print(json.dumps(dict(seconds=seconds, before=before, peak=resource.getrusage(re
 
 
 def decode(side: int, tiled: bool, out: str) -> dict:
-    result = subprocess.run([sys.executable, "-c", CHILD, str(side), "tiled" if tiled else "plain", out, str(FP32_FILE)],
-                            capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(result.stderr[-3000:])
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_in_fresh_process(CHILD, str(side), "tiled" if tiled else "plain", out, str(FP32_FILE))
 
 
 def seam_score(error: np.ndarray) -> float:

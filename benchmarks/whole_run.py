@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from common import FP16_FILE, FP32_FILE, THREADS, diffusers_folder, summary, write_table
+from common import FP16_FILE, FP32_FILE, THREADS, diffusers_folder, run_in_fresh_process, summary, write_table
 
 FOLDERS = {"fp16": Path("/tmp/sd15_random_diffusers_fp16"), "fp32": Path("/tmp/sd15_random_diffusers_fp32")}
 FILES = {"fp16": FP16_FILE, "fp32": FP32_FILE}
@@ -71,11 +69,7 @@ print(json.dumps(dict(total=done - start, load=loaded - start, generate=done - l
 
 
 def run_child(code: str, **args) -> dict:
-    out = subprocess.run([sys.executable, "-c", code.replace("THREADS", str(THREADS)), json.dumps(args)],
-                         capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(out.stderr[-3000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_in_fresh_process(code.replace("THREADS", str(THREADS)), json.dumps(args))
 
 
 def main():

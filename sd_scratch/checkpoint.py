@@ -129,7 +129,7 @@ class _TensorFile:
         self._entries, self._data_start = self._read_header(path, head)
         with open(path, "rb") as f:  # copy-on-write mapping: tensors viewing it are writable, the file is not
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        _MAPPINGS.append(weakref.ref(self._map))
+        _MAPPINGS.add(self._map)
         self.metadata = self._entries.pop("__metadata__", None) or {}
         self.keys = list(self._entries)
 
@@ -215,7 +215,7 @@ class _TensorFile:
             self._map.madvise(mmap.MADV_DONTNEED, first_page, last_page - first_page)
 
 
-_MAPPINGS: list[weakref.ref] = []  # the memory-mapped files that loaded weights are views of (alive while they are)
+_MAPPINGS: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()  # mapped checkpoint files, while their weights live
 MADV_PAGEOUT = 21  # Linux >= 5.4; Python's mmap module does not always name it
 
 
@@ -223,29 +223,26 @@ def release_weights(module: nn.Module) -> None:
     """Let the OS reclaim the memory of `module`'s weights that are views of a checkpoint file.
 
     A single-file checkpoint loaded on the CPU in its own dtype is not copied: its weights are the
-    file's pages, read into memory when first used. Once a network has done its part of a run (the text encoder after the prompts, the UNet
-    after the loop), `generate` calls this so that those pages stop counting against the process
-    while the next network works. Nothing is lost: MADV_PAGEOUT drops a clean page of the file, to
-    be read again from the file (or the OS's cache) when the weight is next used; a page written
-    since loading has no copy in the file and stays. Copied weights (a cast, the GPU) are untouched.
-    Linux only; elsewhere, and on kernels before 5.4, it does nothing.
+    file's pages, read into memory when first used. Once a network has done its part of a run (the
+    text encoder after the prompts, the UNet after the loop), `generate` calls this so that those
+    pages stop counting against the process while the next network works. Nothing is lost:
+    MADV_PAGEOUT drops a clean page of the file, to be read again from the file (or the OS's cache)
+    when the weight is next used; a page written since loading has no copy in the file and stays.
+    Copied weights (a cast, the GPU) are untouched. Linux only; elsewhere it does nothing.
     """
     if sys.platform != "linux":
         return
-    alive = [mapping for mapping in (ref() for ref in _MAPPINGS) if mapping is not None]
-    _MAPPINGS[:] = [weakref.ref(mapping) for mapping in alive]
-    mappings = [(mapping, torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()) for mapping in alive]
+    starts = {mapping: torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr() for mapping in _MAPPINGS}
     for tensor in [*module.parameters(), *module.buffers()]:
-        if tensor.device.type != "cpu":
-            continue
         storage = tensor.untyped_storage()
-        for mapping, start in mappings:
+        for mapping, start in starts.items():
             offset = storage.data_ptr() - start
-            if 0 <= offset < len(mapping):
+            if tensor.device.type == "cpu" and 0 <= offset < len(mapping):
                 first_page = offset // mmap.PAGESIZE * mmap.PAGESIZE
+                end = min(offset + storage.nbytes(), len(mapping))
                 try:
-                    mapping.madvise(MADV_PAGEOUT, first_page, min(offset + storage.nbytes(), len(mapping)) - first_page)
-                except OSError:  # EINVAL: a kernel without MADV_PAGEOUT
+                    mapping.madvise(MADV_PAGEOUT, first_page, end - first_page)
+                except OSError:  # EINVAL: a kernel before 5.4, without MADV_PAGEOUT
                     return
 
 
@@ -619,5 +616,5 @@ def _load_diffusers_folder(folder: Path, device, dtype, prediction_type) -> Stab
     scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
     prediction_type = prediction_type or scheduler.get("prediction_type", "epsilon")
     latent_size = _read_json(folder / "unet" / "config.json").get("sample_size", 64)
-    image_size = latent_size * 2 ** (len(vae_config.channel_mult) - 1)
+    image_size = latent_size * vae_config.downsampling_factor
     return StableDiffusion(tokenizer, text_encoder, unet, vae, kind, prediction_type, 0, image_size, source)

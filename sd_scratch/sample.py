@@ -123,7 +123,7 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
 
     # 3. The starting latents: pure noise, or the encoded image noised to the strength's level
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
-    factor = 2 ** (len(model.vae.config.channel_mult) - 1)  # pixels per latent, 8 for SD
+    factor = model.vae.config.downsampling_factor  # pixels per latent, 8 for SD
     latent_shape = (model.unet.config.in_channels, height // factor, width // factor)
     if init_image is None:
         latents = initial_noise(generators, latent_shape, device, torch.float32) * plan.init_noise_sigma

@@ -68,6 +68,11 @@ class VAEConfig:
     # Not a tensor of the checkpoint: 0.18215 for SD 1.x and 2.x, 0.13025 for SDXL.
     scaling_factor: float = 0.18215
 
+    @property
+    def downsampling_factor(self) -> int:
+        """Image pixels per latent along each side: every level but the last halves it (8 for SD)."""
+        return 2 ** (len(self.channel_mult) - 1)
+
 
 def group_norm(channels: int, config: VAEConfig) -> nn.GroupNorm:
     return nn.GroupNorm(config.norm_groups, channels, eps=config.norm_eps)
@@ -284,7 +289,7 @@ class VAE(nn.Module):
         """
         if not 0 <= overlap <= tile // 2:
             raise ValueError(f"overlap must be between 0 and tile / 2 = {tile // 2} latents, got {overlap}")
-        f = 2 ** (len(self.config.channel_mult) - 1)  # pixels per latent
+        f = self.config.downsampling_factor
         batch, _, height, width = z.shape
         image = torch.zeros(batch, self.config.out_channels, height * f, width * f, device=z.device, dtype=z.dtype)
         total_weight = torch.zeros(height * f, width * f, device=z.device, dtype=z.dtype)

@@ -47,6 +47,7 @@ def test_encode_and_decode_match_diffusers(config):
     ours = randomize(VAE(config), seed=0)
     reference = to_diffusers(ours)
     factor = 2 ** (len(config.channel_mult) - 1)
+    assert config.downsampling_factor == factor
     images = torch.rand(2, 3, 12 * factor, 20 * factor, generator=torch.Generator().manual_seed(1)) * 2 - 1
 
     mean, logvar = ours.encode(images)
