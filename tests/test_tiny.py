@@ -9,6 +9,7 @@ from sd_scratch.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from sd_scratch.tiny import train
 from sd_scratch.tiny.dataset import COLOURS, IMAGE_SIZE, MARGIN, SHAPES, make_dataset, palette_tensor, random_scenes, render
 from sd_scratch.tiny.evaluate import check_scorer, read_image, score
+from sd_scratch.tiny.stiffness import ADAMS_BASHFORTH_4_LIMIT, measure, slopes_along_dominant_direction
 
 CAPTION = re.compile(r"^a (\w+) (\w+) on a (\w+) background$")
 
@@ -95,3 +96,39 @@ def test_prompts_get_their_colours_and_shapes(tiny_model):
     result = score(images, asked)
     assert result.colour == 1.0 and result.background == 1.0
     assert result.shape >= 5 / 6
+
+
+# --------------------------------------------------------------------------------------------------
+# The stiffness measurement behind weights/README.md's account of LMS and PNDM
+
+
+def test_power_iteration_finds_the_guided_slope_and_its_two_parts_on_a_linear_map():
+    # D_u = A x and D_c = B x, elementwise. Guided slope per element: A + 7.5 (B - A). The first element's
+    # -5.5 + 0.75 = -4.75 dominates the others' 0.2 + 7.5 * (0.1 - 0.2) = -0.55, so it is what is found.
+    uncond_slope = torch.full((2, 4, 3, 3), 0.2)
+    cond_slope = torch.full((2, 4, 3, 3), 0.1)
+    uncond_slope[:, 0, 0, 0], cond_slope[:, 0, 0, 0] = 0.8, 0.1
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    guided, uncond, cond = slopes_along_dominant_direction(
+        lambda z: (uncond_slope * z, cond_slope * z), x, guidance=7.5, epsilon=1e-2, iterations=12,
+        generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(guided, torch.full((2,), 0.8 + 7.5 * (0.1 - 0.8)), atol=1e-3, rtol=0)
+    torch.testing.assert_close(uncond, torch.full((2,), 0.8), atol=1e-3, rtol=0)
+    torch.testing.assert_close(cond, torch.full((2,), 0.1), atol=1e-3, rtol=0)
+
+
+def test_guidance_makes_the_tiny_models_ode_too_stiff_for_four_step_methods(tiny_model):
+    prompts = [f"a {c} {s} on a {b} background" for c, s, b in
+               [("red", "circle", "blue"), ("yellow", "square", "black"), ("white", "triangle", "green"),
+                ("orange", "square", "purple"), ("blue", "circle", "white"), ("green", "triangle", "red")]]
+    rows = measure(tiny_model, prompts, guidance=7.5, steps=25, every=4, iterations=6)
+    middle = [row for row in rows if 1 < row["sigma"] < 5]
+    assert len(middle) >= 2
+    for row in middle:
+        # The unconditional estimate follows x along the direction, the conditioned one hardly does,
+        # and guidance turns the gap into a slope of the wrong sign.
+        assert row["uncond"] > 0.5 and row["cond"] < 0.4 and row["guided"] < -2
+        assert ADAMS_BASHFORTH_4_LIMIT < row["h_rate"] < 2  # too stiff for AB4, fine for Euler
+    # At guidance 1 (the prompt alone) there is no such direction.
+    for row in measure(tiny_model, prompts, guidance=1.0, steps=25, every=4, iterations=6):
+        assert row["h_rate"] < ADAMS_BASHFORTH_4_LIMIT

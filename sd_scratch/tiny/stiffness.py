@@ -1,0 +1,117 @@
+"""How stiff is guided sampling? The measurement behind weights/README.md's account of LMS and PNDM.
+
+    python -m sd_scratch.tiny.stiffness                      # 32 prompts along Euler's path, guidance 7.5
+    python -m sd_scratch.tiny.stiffness --guidance 3 --count 8
+
+The sigma-view samplers integrate dx/dsigma = (x - D(x)) / sigma, where D is the guided clean-image
+estimate D = D_u + w (D_c - D_u). How fast that slope changes with x is set by D's Jacobian J: along
+a direction v with J v = s v the ODE decays at rate (1 - s) / sigma. A step of h in sigma is stable
+for Euler while h (1 - s) / sigma < 2, but for the four-step Adams-Bashforth methods (LMS, and PNDM
+in t) only while it is below about 0.3.
+
+At a few steps along an Euler run this finds, per picture, the direction v in which the guided
+estimate changes most (power iteration on finite differences, J v ~ (D(x + eps v) - D(x)) / eps),
+and prints the slopes of the guided, unconditional and conditioned estimates along it, with
+h (1 - s) / sigma. The medians over the pictures are shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+
+from sd_scratch import samplers
+from sd_scratch.checkpoint import load_checkpoint
+from sd_scratch.sample import classifier_free_guidance, encode_prompts
+from sd_scratch.tiny.dataset import caption
+from sd_scratch.tiny.evaluate import FIRST_SEED, evaluation_prompts
+
+ADAMS_BASHFORTH_4_LIMIT = 0.3  # the real-axis stability limit of h * rate, rounded
+
+
+def per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).flatten(1).sum(dim=1)
+
+
+def unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.flatten(1).norm(dim=1).view(-1, *[1] * (v.dim() - 1))
+
+
+@torch.no_grad()
+def slopes_along_dominant_direction(estimates: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                                   x: torch.Tensor, guidance: float, epsilon: float, iterations: int,
+                                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per sample: v^T J v for the guided, unconditional and conditioned estimates, v the guided J's dominant direction.
+
+    `estimates(x)` returns the unconditional and the conditioned clean-image estimates. Each
+    iteration takes v <- J_guided v / |J_guided v|; the slopes are measured with the same unit v
+    that was pushed through, so their signs are right even when the dominant slope is negative
+    (then v flips each time, and v^T J v does not).
+    """
+    base_uncond, base_cond = estimates(x)
+    v = unit(torch.randn(x.shape, generator=generator))
+    for _ in range(iterations):
+        uncond, cond = estimates(x + epsilon * v)
+        jv_uncond, jv_cond = (uncond - base_uncond) / epsilon, (cond - base_cond) / epsilon
+        jv_guided = jv_uncond + guidance * (jv_cond - jv_uncond)
+        slopes = per_sample_dot(jv_guided, v), per_sample_dot(jv_uncond, v), per_sample_dot(jv_cond, v)
+        v = unit(jv_guided)
+    return slopes
+
+
+@torch.no_grad()
+def measure(model, prompts: list[str], guidance: float = 7.5, steps: int = 25, every: int = 3,
+            iterations: int = 8, relative_epsilon: float = 1e-2) -> list[dict]:
+    """Walk Euler's guided path from the evaluation's seeds; every `every` steps, measure the slopes."""
+    plan = samplers.make_plan("euler", steps, prediction_type=model.prediction_type)
+    cond_context = encode_prompts(model, prompts, model.skip_last_layers)
+    uncond_context = encode_prompts(model, [""] * len(prompts), model.skip_last_layers)
+    factor = model.vae.config.downsampling_factor
+    shape = (1, model.unet.config.in_channels, model.image_size // factor, model.image_size // factor)
+    x = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(FIRST_SEED + k))
+                   for k in range(len(prompts))]) * plan.init_noise_sigma
+    state, rows = samplers.initial_state(plan), []
+    for i, t in enumerate(plan.timesteps):
+        sigma, sigma_next = float(plan.sigmas[i]), float(plan.sigmas[i + 1])
+
+        def estimates(latents, i=i, t=t):
+            eps_uncond = model.unet(samplers.scale_model_input(plan, i, latents), t, uncond_context)
+            eps_cond = model.unet(samplers.scale_model_input(plan, i, latents), t, cond_context)
+            return samplers.predicted_x0(plan, i, latents, eps_uncond), samplers.predicted_x0(plan, i, latents, eps_cond)
+
+        if i % every == 0 and sigma_next > 0:
+            guided, uncond, cond = slopes_along_dominant_direction(
+                estimates, x, guidance, relative_epsilon * sigma, iterations, torch.Generator().manual_seed(i))
+            step_over_sigma = (sigma - sigma_next) / sigma
+            rows.append(dict(step=i, sigma=sigma, step_over_sigma=step_over_sigma, guided=guided.median().item(),
+                             uncond=uncond.median().item(), cond=cond.median().item(),
+                             h_rate=(step_over_sigma * (1 - guided)).median().item()))
+        eps_uncond, eps_cond = model.unet(torch.cat([samplers.scale_model_input(plan, i, x)] * 2), t,
+                                          torch.cat([uncond_context, cond_context])).chunk(2)
+        x, state = samplers.step(plan, i, x, classifier_free_guidance(eps_uncond, eps_cond, guidance), state)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None, help="default: weights/tiny_sd.safetensors")
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--count", type=int, default=32, help="the first COUNT evaluation prompts")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_checkpoint(args.checkpoint)
+    prompts = [caption(*triple) for triple in evaluation_prompts()[: args.count]]
+    print(f"{len(prompts)} prompts, Euler's path, {args.steps} steps, guidance {args.guidance:g}; medians")
+    print(f"{'step':>4} {'sigma':>7} {'h/sigma':>8} {'guided':>7} {'uncond':>7} {'cond':>7} {'h*rate':>7}")
+    for row in measure(model, prompts, args.guidance, args.steps):
+        flag = "  > AB4 limit" if row["h_rate"] > ADAMS_BASHFORTH_4_LIMIT else ""
+        print(f"{row['step']:>4} {row['sigma']:>7.3f} {row['step_over_sigma']:>8.2f} {row['guided']:>7.2f} "
+              f"{row['uncond']:>7.2f} {row['cond']:>7.2f} {row['h_rate']:>7.2f}{flag}")
+
+
+if __name__ == "__main__":
+    main()
