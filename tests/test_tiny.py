@@ -8,7 +8,7 @@ import torch
 from sd_scratch.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from sd_scratch.tiny import train
 from sd_scratch.tiny.dataset import COLOURS, IMAGE_SIZE, MARGIN, SHAPES, make_dataset, palette_tensor, random_scenes, render
-from sd_scratch.tiny.evaluate import check_scorer, read_image, score
+from sd_scratch.tiny.evaluate import check_scorer, latent_colour_cosine, read_image, score
 from sd_scratch.tiny.stiffness import ADAMS_BASHFORTH_4_LIMIT, measure, slopes_along_dominant_direction
 
 CAPTION = re.compile(r"^a (\w+) (\w+) on a (\w+) background$")
@@ -132,3 +132,25 @@ def test_guidance_makes_the_tiny_models_ode_too_stiff_for_four_step_methods(tiny
     # At guidance 1 (the prompt alone) there is no such direction.
     for row in measure(tiny_model, prompts, guidance=1.0, steps=25, every=4, iterations=6):
         assert row["h_rate"] < ADAMS_BASHFORTH_4_LIMIT
+
+
+def test_latent_colour_cosine_measures_the_vaes_geometry(tiny_model):
+    # A "VAE" whose latent is the picture itself: the cosine is RGB's, computed here directly.
+    class Identity(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+
+        def encode(self, images):
+            return images, torch.zeros_like(images)
+
+    class Model:
+        vae = Identity()
+
+    red, white, blue, yellow = palette_tensor(["red", "white", "blue", "yellow"])
+    old, new = red - white, blue - yellow
+    expected = float(old @ new / (old.norm() * new.norm()))
+    assert latent_colour_cosine(Model()) == pytest.approx(expected, abs=1e-6)
+    assert latent_colour_cosine(Model(), ("blue", "yellow")) == pytest.approx(1.0, abs=1e-6)
+    # The shipped VAE turns red - white against blue - yellow (weights/README.md quotes -0.33).
+    assert latent_colour_cosine(tiny_model) == pytest.approx(-0.33, abs=0.01)

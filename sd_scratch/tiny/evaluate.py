@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from sd_scratch.checkpoint import load_checkpoint
 from sd_scratch.sample import generate
 from sd_scratch.samplers import SAMPLER_NAMES
-from sd_scratch.tiny.dataset import COLOURS, SHAPES, Scene, caption, palette_tensor, random_scenes, render
+from sd_scratch.tiny.dataset import (COLOURS, IMAGE_SIZE, SHAPES, Scene, caption, palette_tensor, random_scenes,
+                                    render)
 
 BORDER = 2  # pixels of the image edge read as background
 # A pixel belongs to the shape if it is this far (RGB distance, channels in [0, 1]) from the background:
@@ -174,6 +175,25 @@ def image_to_image_score(model, count: int = 8, strength: float = 0.5, steps: in
     return score(images, [IMG2IMG_PROMPT] * count)
 
 
+@torch.no_grad()
+def latent_colour_cosine(model, start: tuple[str, str] = IMG2IMG_START[::2],
+                         asked: tuple[str, str] = IMG2IMG_PROMPT[::2]) -> float:
+    """Cosine between the VAE latents' (shape colour - background) of the start picture and of the prompt.
+
+    The conditioned model sees the start picture's shape through its contrast along the asked-for
+    colours. A positive cosine shows it the asked-for shape where the old one is; a negative one
+    shows it the colours swapped (weights/README.md). Each colour's latent is the mean over the
+    central half of a flat picture's latent, away from the padded border.
+    """
+    parameter = next(model.vae.parameters())
+    flat = palette_tensor([*start, *asked])[:, :, None, None].expand(-1, -1, IMAGE_SIZE, IMAGE_SIZE) * 2 - 1
+    mean, _ = model.vae.encode(flat.to(parameter.device, parameter.dtype))
+    size = mean.shape[-1]
+    centre = mean[:, :, size // 4: size - size // 4, size // 4: size - size // 4].float().mean(dim=(2, 3))
+    old, new = centre[0] - centre[1], centre[2] - centre[3]
+    return float(old @ new / (old.norm() * new.norm()))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="default: weights/tiny_sd.safetensors")
@@ -211,7 +231,9 @@ def main():
           f"{sum(r.shape is None for r in readings)} with no shape found")
     result = image_to_image_score(model)
     print(f"image to image, {caption(*IMG2IMG_START)} -> {caption(*IMG2IMG_PROMPT)!r} at strength 0.5: "
-          f"colour {result.colour:.0%}, background {result.background:.0%}, square kept {result.shape:.0%}")
+          f"colour {result.colour:.0%}, background {result.background:.0%}, square kept {result.shape:.0%}; "
+          f"latent cosine of {IMG2IMG_START[0]} - {IMG2IMG_START[2]} with {IMG2IMG_PROMPT[0]} - {IMG2IMG_PROMPT[2]}: "
+          f"{latent_colour_cosine(model):+.2f}")
 
 
 if __name__ == "__main__":
