@@ -234,10 +234,12 @@ def release_weights(module: nn.Module) -> None:
         return
     starts = {mapping: torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr() for mapping in _MAPPINGS}
     for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.device.type != "cpu":
+            continue
         storage = tensor.untyped_storage()
         for mapping, start in starts.items():
             offset = storage.data_ptr() - start
-            if tensor.device.type == "cpu" and 0 <= offset < len(mapping):
+            if 0 <= offset < len(mapping):
                 first_page = offset // mmap.PAGESIZE * mmap.PAGESIZE
                 end = min(offset + storage.nbytes(), len(mapping))
                 try:

@@ -176,18 +176,20 @@ def image_to_image_score(model, count: int = 8, strength: float = 0.5, steps: in
 
 
 @torch.no_grad()
-def latent_colour_cosine(model, start: tuple[str, str] = IMG2IMG_START[::2],
-                         asked: tuple[str, str] = IMG2IMG_PROMPT[::2]) -> float:
+def latent_colour_cosine(model, start: tuple[str, str] = (IMG2IMG_START[0], IMG2IMG_START[2]),
+                         asked: tuple[str, str] = (IMG2IMG_PROMPT[0], IMG2IMG_PROMPT[2])) -> float:
     """Cosine between the VAE latents' (shape colour - background) of the start picture and of the prompt.
+
+    `start` and `asked` are (shape colour, background) pairs, by default those of image_to_image_score.
 
     The conditioned model sees the start picture's shape through its contrast along the asked-for
     colours. A positive cosine shows it the asked-for shape where the old one is; a negative one
     shows it the colours swapped (weights/README.md). Each colour's latent is the mean over the
     central half of a flat picture's latent, away from the padded border.
     """
-    parameter = next(model.vae.parameters())
+    weight = model.vae.quant_conv.weight  # where the VAE lives, and in which dtype
     flat = palette_tensor([*start, *asked])[:, :, None, None].expand(-1, -1, IMAGE_SIZE, IMAGE_SIZE) * 2 - 1
-    mean, _ = model.vae.encode(flat.to(parameter.device, parameter.dtype))
+    mean, _ = model.vae.encode(flat.to(weight.device, weight.dtype))
     size = mean.shape[-1]
     centre = mean[:, :, size // 4: size - size // 4, size // 4: size - size // 4].float().mean(dim=(2, 3))
     old, new = centre[0] - centre[1], centre[2] - centre[3]

@@ -7,7 +7,8 @@ The sigma-view samplers integrate dx/dsigma = (x - D(x)) / sigma, where D is the
 estimate D = D_u + w (D_c - D_u). How fast that slope changes with x is set by D's Jacobian J: along
 a direction v with J v = s v the ODE decays at rate (1 - s) / sigma. A step of h in sigma is stable
 for Euler while h (1 - s) / sigma < 2, but for the four-step Adams-Bashforth methods (LMS, and PNDM
-in t) only while it is below about 0.3.
+in t) only while it is below about 0.3: the real-axis extent of AB4's stability region, 3/10
+(Hairer & Wanner, "Solving Ordinary Differential Equations II", sec. V.1).
 
 At a few steps along an Euler run this finds, per picture, the direction v in which the guided
 estimate changes most (power iteration on finite differences, J v ~ (D(x + eps v) - D(x)) / eps),
@@ -24,11 +25,11 @@ import torch
 
 from sd_scratch import samplers
 from sd_scratch.checkpoint import load_checkpoint
-from sd_scratch.sample import classifier_free_guidance, encode_prompts
+from sd_scratch.sample import classifier_free_guidance, encode_prompts, initial_noise
 from sd_scratch.tiny.dataset import caption
 from sd_scratch.tiny.evaluate import FIRST_SEED, evaluation_prompts
 
-ADAMS_BASHFORTH_4_LIMIT = 0.3  # the real-axis stability limit of h * rate, rounded
+ADAMS_BASHFORTH_4_LIMIT = 0.3  # AB4 is stable for h * rate up to 3/10 on the negative real axis
 
 
 def per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -69,16 +70,16 @@ def measure(model, prompts: list[str], guidance: float = 7.5, steps: int = 25, e
     cond_context = encode_prompts(model, prompts, model.skip_last_layers)
     uncond_context = encode_prompts(model, [""] * len(prompts), model.skip_last_layers)
     factor = model.vae.config.downsampling_factor
-    shape = (1, model.unet.config.in_channels, model.image_size // factor, model.image_size // factor)
-    x = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(FIRST_SEED + k))
-                   for k in range(len(prompts))]) * plan.init_noise_sigma
+    shape = (model.unet.config.in_channels, model.image_size // factor, model.image_size // factor)
+    generators = [torch.Generator().manual_seed(FIRST_SEED + k) for k in range(len(prompts))]
+    x = initial_noise(generators, shape, cond_context.device, torch.float32) * plan.init_noise_sigma
     state, rows = samplers.initial_state(plan), []
     for i, t in enumerate(plan.timesteps):
         sigma, sigma_next = float(plan.sigmas[i]), float(plan.sigmas[i + 1])
 
         def estimates(latents, i=i, t=t):
-            eps_uncond = model.unet(samplers.scale_model_input(plan, i, latents), t, uncond_context)
-            eps_cond = model.unet(samplers.scale_model_input(plan, i, latents), t, cond_context)
+            scaled = samplers.scale_model_input(plan, i, latents)
+            eps_uncond, eps_cond = model.unet(scaled, t, uncond_context), model.unet(scaled, t, cond_context)
             return samplers.predicted_x0(plan, i, latents, eps_uncond), samplers.predicted_x0(plan, i, latents, eps_cond)
 
         if i % every == 0 and sigma_next > 0:
@@ -87,7 +88,7 @@ def measure(model, prompts: list[str], guidance: float = 7.5, steps: int = 25, e
             step_over_sigma = (sigma - sigma_next) / sigma
             rows.append(dict(step=i, sigma=sigma, step_over_sigma=step_over_sigma, guided=guided.median().item(),
                              uncond=uncond.median().item(), cond=cond.median().item(),
-                             h_rate=(step_over_sigma * (1 - guided)).median().item()))
+                             step_times_stiffness=(step_over_sigma * (1 - guided)).median().item()))
         eps_uncond, eps_cond = model.unet(torch.cat([samplers.scale_model_input(plan, i, x)] * 2), t,
                                           torch.cat([uncond_context, cond_context])).chunk(2)
         x, state = samplers.step(plan, i, x, classifier_free_guidance(eps_uncond, eps_cond, guidance), state)
@@ -106,11 +107,11 @@ def main():
     model = load_checkpoint(args.checkpoint)
     prompts = [caption(*triple) for triple in evaluation_prompts()[: args.count]]
     print(f"{len(prompts)} prompts, Euler's path, {args.steps} steps, guidance {args.guidance:g}; medians")
-    print(f"{'step':>4} {'sigma':>7} {'h/sigma':>8} {'guided':>7} {'uncond':>7} {'cond':>7} {'h*rate':>7}")
+    print(f"{'step':>4} {'sigma':>7} {'h/sigma':>8} {'guided':>7} {'uncond':>7} {'cond':>7} {'h(1-s)/sigma':>13}")
     for row in measure(model, prompts, args.guidance, args.steps):
-        flag = "  > AB4 limit" if row["h_rate"] > ADAMS_BASHFORTH_4_LIMIT else ""
+        flag = "  > AB4 limit" if row["step_times_stiffness"] > ADAMS_BASHFORTH_4_LIMIT else ""
         print(f"{row['step']:>4} {row['sigma']:>7.3f} {row['step_over_sigma']:>8.2f} {row['guided']:>7.2f} "
-              f"{row['uncond']:>7.2f} {row['cond']:>7.2f} {row['h_rate']:>7.2f}{flag}")
+              f"{row['uncond']:>7.2f} {row['cond']:>7.2f} {row['step_times_stiffness']:>13.2f}{flag}")
 
 
 if __name__ == "__main__":
