@@ -7,9 +7,10 @@ import torch
 
 from sd_scratch.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from sd_scratch.tiny import train
-from sd_scratch.tiny.dataset import (COLOURS, IMAGE_SIZE, MARGIN, SHAPES, caption, make_dataset, palette_tensor,
-                                    random_scenes, render)
-from sd_scratch.tiny.evaluate import check_scorer, latent_colour_cosine, read_image, score
+from sd_scratch.tiny.dataset import (COLOURS, IMAGE_SIZE, MARGIN, SHAPES, Scene, caption, make_dataset,
+                                    palette_tensor, random_scenes, render)
+from sd_scratch.tiny.evaluate import (IMG2IMG_PROMPT, IMG2IMG_START, check_scorer, judge_image_to_image,
+                                     latent_colour_cosine, read_image, score)
 from sd_scratch.tiny.stiffness import ADAMS_BASHFORTH_4_LIMIT, measure, slopes_along_dominant_direction
 
 CAPTION = re.compile(r"^a (\w+) (\w+) on a (\w+) background$")
@@ -153,3 +154,25 @@ def test_latent_colour_cosine_measures_the_vaes_geometry(tiny_model):
     assert latent_colour_cosine(Model(), ("blue", "yellow")) == pytest.approx(1.0, abs=1e-6)
     # The shipped VAE turns red - white against blue - yellow (weights/README.md quotes -0.33).
     assert latent_colour_cosine(tiny_model) == pytest.approx(-0.33, abs=0.01)
+
+
+def test_image_to_image_judge_wants_the_asked_colours_on_the_start_square_in_place():
+    def picture(colour, shape, background, dx=0.0, size=30.0):
+        return (render([Scene(colour, shape, background, centre_x=30.0 + dx, centre_y=34.0, size=size)])[0] + 1) / 2
+
+    start = picture(*IMG2IMG_START)
+    asked = IMG2IMG_PROMPT
+    cases = [  # (picture, in place, all three)
+        (picture(*asked), True, True),
+        (picture(*asked, dx=5.0), True, True),  # a sixth of the side: IoU 5/7
+        (picture(*asked, dx=15.0), False, False),  # half the side: IoU 1/3
+        (picture(*asked, size=15.0), False, False),  # half the side, same centre: IoU 1/4
+        (picture(asked[0], "circle", asked[2]), False, False),
+        (picture(*IMG2IMG_START), True, False),  # the square kept, its colours not changed
+        (picture(asked[2], "square", asked[0]), True, False),  # the colours swapped
+    ]
+    for image, in_place, all_three in cases:
+        result = judge_image_to_image(start, image[None])
+        assert (result.in_place, result.all_three) == (float(in_place), float(all_three))
+    everything = judge_image_to_image(start, torch.stack([image for image, _, _ in cases]))
+    assert everything.in_place == pytest.approx(4 / 7) and everything.all_three == pytest.approx(2 / 7)

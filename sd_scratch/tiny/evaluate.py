@@ -82,26 +82,35 @@ def shape_from_mask(mask: torch.Tensor) -> tuple[str, float, float]:
     return ("square" if fill > SQUARE_ABOVE else "circle"), taper, fill
 
 
-def read_image(image: torch.Tensor) -> Reading:
-    """One image (3, H, W) in [0, 1] -> its colours and shape."""
+def find_shape(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One image (3, H, W) in [0, 1] -> (background RGB, the shape's (H, W) mask, the mask's inner pixels)."""
     height, width = image.shape[1:]
     border = torch.ones(height, width, dtype=torch.bool)
     border[BORDER:-BORDER, BORDER:-BORDER] = False
     background_rgb = image[:, border].median(dim=1).values
-    background = nearest_colour(background_rgb)
 
     far = (image - background_rgb[:, None, None]).norm(dim=0) > FOREGROUND_DISTANCE
     # Morphological opening (erode, then dilate, 3 x 3) removes stray pixels and thin fringes.
     eroded = -F.max_pool2d(-far[None, None].float(), 3, stride=1, padding=1)
     mask = F.max_pool2d(eroded, 3, stride=1, padding=1)[0, 0].bool() & far
+    return background_rgb, mask, eroded[0, 0].bool()
+
+
+def read_image(image: torch.Tensor) -> Reading:
+    """One image (3, H, W) in [0, 1] -> its colours and shape."""
+    background_rgb, mask, inner = find_shape(image)
+    background = nearest_colour(background_rgb)
     if mask.sum() < MIN_SHAPE_PIXELS:
         return Reading(None, None, background, 0.0, 0.0)
-
     # The colour from the inside of the shape, away from its anti-aliased edge.
-    inner = eroded[0, 0].bool()
     colour = nearest_colour(image[:, inner].median(dim=1).values)
     shape, taper, fill = shape_from_mask(mask)
     return Reading(colour, shape, background, taper, fill)
+
+
+def overlap(mask: torch.Tensor, other: torch.Tensor) -> float:
+    """Intersection over union of two boolean masks."""
+    return float((mask & other).sum() / (mask | other).sum().clamp(min=1))
 
 
 @dataclass(frozen=True)
@@ -166,13 +175,37 @@ IMG2IMG_START = ("red", "square", "white")
 IMG2IMG_PROMPT = ("blue", "square", "yellow")
 
 
+# "Keeps the square": the output's shape reads as a square and covers the start's square, intersection
+# over union above this. A square shifted by a sixth of its side still passes (IoU 5/7); one shifted by
+# half its side (1/3), or one of half the side in the same place (1/4), does not.
+IN_PLACE_ABOVE = 0.5
+
+
+@dataclass(frozen=True)
+class ImageToImage:
+    score: Score  # the prompt's colours and shape, read as for any generated image
+    in_place: float  # fraction read as a square lying where the start's square was
+    all_three: float  # fraction with both asked-for colours and the square in place: the whole task
+
+
 def image_to_image_score(model, count: int = 8, strength: float = 0.5, steps: int = 25,
-                         guidance: float = 7.5, sampler: str = "euler") -> Score:
+                         guidance: float = 7.5, sampler: str = "euler") -> ImageToImage:
     """Start from a picture of a red square and ask for a blue square on a yellow background."""
     start = render([Scene(*IMG2IMG_START, centre_x=30.0, centre_y=34.0, size=30.0)])
     images = generate(model, [caption(*IMG2IMG_PROMPT)] * count, steps=steps, guidance=guidance,
                       sampler=sampler, seed=FIRST_SEED, init_image=start, strength=strength, progress=False)
-    return score(images, [IMG2IMG_PROMPT] * count)
+    return judge_image_to_image((start[0] + 1) / 2, images)
+
+
+def judge_image_to_image(start: torch.Tensor, images: torch.Tensor) -> ImageToImage:
+    """start (3, H, W) and images (N, 3, H, W) in [0, 1]."""
+    start_mask = find_shape(start)[1]
+    readings = [read_image(image) for image in images]
+    in_place = [r.shape == "square" and overlap(find_shape(image)[1], start_mask) > IN_PLACE_ABOVE
+                for r, image in zip(readings, images)]
+    colours = [(r.colour, r.background) == (IMG2IMG_PROMPT[0], IMG2IMG_PROMPT[2]) for r in readings]
+    return ImageToImage(score(images, [IMG2IMG_PROMPT] * len(images)), sum(in_place) / len(images),
+                        sum(c and k for c, k in zip(colours, in_place)) / len(images))
 
 
 @torch.no_grad()
@@ -233,9 +266,10 @@ def main():
           f"{sum(r.shape is None for r in readings)} with no shape found")
     result = image_to_image_score(model)
     print(f"image to image, {caption(*IMG2IMG_START)} -> {caption(*IMG2IMG_PROMPT)!r} at strength 0.5: "
-          f"colour {result.colour:.0%}, background {result.background:.0%}, square kept {result.shape:.0%}; "
-          f"latent cosine of {IMG2IMG_START[0]} - {IMG2IMG_START[2]} with {IMG2IMG_PROMPT[0]} - {IMG2IMG_PROMPT[2]}: "
-          f"{latent_colour_cosine(model):+.2f}")
+          f"colour {result.score.colour:.0%}, background {result.score.background:.0%}, "
+          f"read as a square {result.score.shape:.0%}, square in place {result.in_place:.0%}, "
+          f"all three {result.all_three:.0%}; latent cosine of {IMG2IMG_START[0]} - {IMG2IMG_START[2]} "
+          f"with {IMG2IMG_PROMPT[0]} - {IMG2IMG_PROMPT[2]}: {latent_colour_cosine(model):+.2f}")
 
 
 if __name__ == "__main__":
