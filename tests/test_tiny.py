@@ -9,8 +9,8 @@ from sd_scratch.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from sd_scratch.tiny import train
 from sd_scratch.tiny.dataset import (COLOURS, IMAGE_SIZE, MARGIN, SHAPES, Scene, caption, make_dataset,
                                     palette_tensor, random_scenes, render)
-from sd_scratch.tiny.evaluate import (IMG2IMG_PROMPT, IMG2IMG_START, check_scorer, judge_image_to_image,
-                                     latent_colour_cosine, read_image, score)
+from sd_scratch.tiny.evaluate import (IMG2IMG_PROMPT, IMG2IMG_START, check_scorer, image_to_image_score,
+                                     judge_image_to_image, latent_colour_cosine, read_image, score)
 from sd_scratch.tiny.stiffness import ADAMS_BASHFORTH_4_LIMIT, measure, slopes_along_dominant_direction
 
 CAPTION = re.compile(r"^a (\w+) (\w+) on a (\w+) background$")
@@ -91,6 +91,18 @@ def tiny_model():
     return load_checkpoint()
 
 
+def test_luminance_weighs_the_channels_as_bt601():
+    primaries = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]])[:, :, None, None].expand(-1, -1, 2, 3)
+    luma = train.luminance(primaries)
+    assert luma.shape == (4, 2, 3)
+    torch.testing.assert_close(luma[:, 0, 0], torch.tensor([0.299, 0.587, 0.114, 1.0]))
+
+
+def test_image_to_image_recolours_the_red_square_and_keeps_it(tiny_model):
+    result = image_to_image_score(tiny_model)  # 8 seeds, euler, guidance 7.5, strength 0.5
+    assert result.all_three == 1.0
+
+
 def test_prompts_get_their_colours_and_shapes(tiny_model):
     generate = pytest.importorskip("sd_scratch.sample").generate
     images = generate(tiny_model, [caption(*triple) for triple in ASKED], steps=20, guidance=7.5, sampler="euler", seed=0)
@@ -152,8 +164,8 @@ def test_latent_colour_cosine_measures_the_vaes_geometry(tiny_model):
     expected = float(old @ new / (old.norm() * new.norm()))
     assert latent_colour_cosine(Model()) == pytest.approx(expected, abs=1e-6)
     assert latent_colour_cosine(Model(), ("blue", "yellow")) == pytest.approx(1.0, abs=1e-6)
-    # The shipped VAE turns red - white against blue - yellow (weights/README.md quotes -0.33).
-    assert latent_colour_cosine(tiny_model) == pytest.approx(-0.33, abs=0.01)
+    # The shipped VAE, luminance-led, turns red - white along blue - yellow (weights/README.md quotes +0.85).
+    assert latent_colour_cosine(tiny_model) == pytest.approx(0.85, abs=0.01)
 
 
 def test_image_to_image_judge_wants_the_asked_colours_on_the_start_square_in_place():

@@ -8,7 +8,12 @@ are trained the way the originals were, in the same order:
 1. The autoencoder. Images -> posterior q(z | image) -> a sample z -> decoded image, with an L1 + L2
    reconstruction loss and a small KL term that keeps q(z | image) near N(0, I) (Rombach et al.
    2022, "High-Resolution Image Synthesis with Latent Diffusion Models", sec. 3). SD adds a
-   perceptual and an adversarial loss for photographs; flat shapes need neither.
+   perceptual and an adversarial loss for photographs; flat shapes need neither. SD's latents are
+   luminance-led (their first channel is roughly the picture's lightness); an extra L1 + L2 term on
+   the luma error, weighted 4, makes ours so too. Without it the eight colours land in the latent
+   space wherever the seed puts them, and a dark square on a light background may look, to the
+   UNet, like a light one on a dark background in other colours, which breaks image-to-image
+   (weights/README.md).
 2. The scaling factor. SD's 0.18215 is 1 / (std of the latents over the training images), so that
    the UNet works on latents of unit variance; ours is measured the same way and stored in the
    VAE's config. The whole dataset is then encoded once.
@@ -63,11 +68,12 @@ OUTPUT = WEIGHTS_DIR / "tiny_sd.safetensors"
 class Settings:
     seed: int = 0
     dataset_size: int = 20000
-    vae_steps: int = 1000
+    vae_steps: int = 3000
     vae_batch: int = 16
     vae_lr: float = 2e-3
     kl_weight: float = 1e-4  # per latent element, against the per-pixel reconstruction loss
-    unet_steps: int = 3200
+    luma_weight: float = 4.0  # the reconstruction loss on luminance, on top of the per-channel one
+    unet_steps: int = 4000
     unet_batch: int = 32
     unet_lr: float = 2e-3
     warmup_steps: int = 100
@@ -125,6 +131,12 @@ def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Ten
     return 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()
 
 
+def luminance(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) RGB -> (N, H, W) luma Y = 0.299 R + 0.587 G + 0.114 B (ITU-R BT.601)."""
+    weights = torch.tensor([0.299, 0.587, 0.114], dtype=images.dtype, device=images.device)
+    return torch.einsum("nchw,c->nhw", images, weights)
+
+
 def train_vae(vae: VAE, images: torch.Tensor, settings: Settings, generator: torch.Generator, start: float) -> dict:
     # Start from a nearly deterministic posterior (std e^-4 = 0.02 instead of about 1): from unit
     # noise the decoder would spend most of a short training learning to see through it.
@@ -139,15 +151,16 @@ def train_vae(vae: VAE, images: torch.Tensor, settings: Settings, generator: tor
         batch = images[torch.randint(len(images), (settings.vae_batch,), generator=generator)]
         mean, logvar = vae.encode(batch)
         z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=generator)
-        reconstruction = vae.decode(z)
-        l1 = (reconstruction - batch).abs().mean()
-        l2 = (reconstruction - batch).square().mean()
+        error = vae.decode(z) - batch
+        l1, l2 = error.abs().mean(), error.square().mean()
+        luma_error = luminance(error)
+        luma = luma_error.abs().mean() + luma_error.square().mean()
         kl = kl_to_standard_normal(mean, logvar)
-        loss = l1 + l2 + settings.kl_weight * kl
+        loss = l1 + l2 + settings.luma_weight * luma + settings.kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        progress.add(step, l1=l1.item(), l2=l2.item(), kl=kl.item())
+        progress.add(step, l1=l1.item(), l2=l2.item(), luma=luma.item(), kl=kl.item())
     vae.eval()
     return progress.last
 
