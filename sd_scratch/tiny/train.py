@@ -285,7 +285,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--fp32", action="store_true", help="store float32 weights (default: float16)")
     parser.add_argument("--fp32-copy", type=Path, help="also write a float32 copy here")
-    for field in ("seed", "dataset_size", "vae_steps", "unet_steps", "unet_batch", "unet_lr", "vae_lr", "kl_weight"):
+    for field in ("seed", "dataset_size", "vae_steps", "unet_steps", "unet_batch", "unet_lr", "vae_lr", "kl_weight",
+                  "luma_weight"):
         value = getattr(defaults, field)
         parser.add_argument("--" + field.replace("_", "-"), type=type(value), default=value)
     args = parser.parse_args()
