@@ -1,5 +1,6 @@
 """The tiny model shipped in weights/: its dataset, its pixel scorer, and the file itself."""
 
+import dataclasses
 import re
 
 import pytest
@@ -7,9 +8,9 @@ import torch
 
 from sd_scratch.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from sd_scratch.tiny import train
-from sd_scratch.tiny.dataset import (COLOURS, IMAGE_SIZE, MARGIN, SHAPES, Scene, caption, make_dataset,
-                                    palette_tensor, random_scenes, render)
-from sd_scratch.tiny.evaluate import (IMG2IMG_PROMPT, IMG2IMG_START, check_scorer, image_to_image_score,
+from sd_scratch.tiny.dataset import (COLOURS, IMAGE_SIZE, MARGIN, SHAPES, caption, make_dataset, palette_tensor,
+                                    random_scenes, render)
+from sd_scratch.tiny.evaluate import (IMG2IMG_PROMPT, IMG2IMG_START_SCENE, check_scorer, image_to_image_score,
                                      judge_image_to_image, latent_colour_cosine, read_image, score)
 from sd_scratch.tiny.stiffness import ADAMS_BASHFORTH_4_LIMIT, measure, slopes_along_dominant_direction
 
@@ -169,19 +170,19 @@ def test_latent_colour_cosine_measures_the_vaes_geometry(tiny_model):
 
 
 def test_image_to_image_judge_wants_the_asked_colours_on_the_start_square_in_place():
-    def picture(colour, shape, background, dx=0.0, size=30.0):
-        return (render([Scene(colour, shape, background, centre_x=30.0 + dx, centre_y=34.0, size=size)])[0] + 1) / 2
+    def picture(**changes):
+        return (render([dataclasses.replace(IMG2IMG_START_SCENE, **changes)])[0] + 1) / 2
 
-    start = picture(*IMG2IMG_START)
-    asked = IMG2IMG_PROMPT
+    start, asked = picture(), dict(colour=IMG2IMG_PROMPT[0], background=IMG2IMG_PROMPT[2])
+    side, centre_x = IMG2IMG_START_SCENE.size, IMG2IMG_START_SCENE.centre_x
     cases = [  # (picture, in place, all three)
-        (picture(*asked), True, True),
-        (picture(*asked, dx=5.0), True, True),  # a sixth of the side: IoU 5/7
-        (picture(*asked, dx=15.0), False, False),  # half the side: IoU 1/3
-        (picture(*asked, size=15.0), False, False),  # half the side, same centre: IoU 1/4
-        (picture(asked[0], "circle", asked[2]), False, False),
-        (picture(*IMG2IMG_START), True, False),  # the square kept, its colours not changed
-        (picture(asked[2], "square", asked[0]), True, False),  # the colours swapped
+        (picture(**asked), True, True),
+        (picture(**asked, centre_x=centre_x + side / 6), True, True),  # IoU 5/7
+        (picture(**asked, centre_x=centre_x + side / 2), False, False),  # IoU 1/3
+        (picture(**asked, size=side / 2), False, False),  # same centre: IoU 1/4
+        (picture(**asked, shape="circle"), False, False),
+        (start, True, False),  # the square kept, its colours not changed
+        (picture(colour=asked["background"], background=asked["colour"]), True, False),  # the colours swapped
     ]
     for image, in_place, all_three in cases:
         result = judge_image_to_image(start, image[None])

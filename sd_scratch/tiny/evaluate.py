@@ -123,7 +123,10 @@ class Score:
 
 def score(images: torch.Tensor, prompts: list[tuple[str, str, str]]) -> Score:
     """images (N, 3, H, W) in [0, 1]; prompts as (colour, shape, background) triples."""
-    readings = [read_image(image) for image in images]
+    return score_readings([read_image(image) for image in images], prompts)
+
+
+def score_readings(readings: list[Reading], prompts: list[tuple[str, str, str]]) -> Score:
     n = len(readings)
     return Score(
         colour=sum(r.colour == p[0] for r, p in zip(readings, prompts)) / n,
@@ -173,6 +176,7 @@ def empty_prompt_readings(model, count: int = 16, steps: int = 25, guidance: flo
 
 IMG2IMG_START = ("red", "square", "white")
 IMG2IMG_PROMPT = ("blue", "square", "yellow")
+IMG2IMG_START_SCENE = Scene(*IMG2IMG_START, centre_x=30.0, centre_y=34.0, size=30.0)
 
 
 # "Keeps the square": the output's shape reads as a square and covers the start's square, intersection
@@ -191,7 +195,7 @@ class ImageToImage:
 def image_to_image_score(model, count: int = 8, strength: float = 0.5, steps: int = 25,
                          guidance: float = 7.5, sampler: str = "euler") -> ImageToImage:
     """Start from a picture of a red square and ask for a blue square on a yellow background."""
-    start = render([Scene(*IMG2IMG_START, centre_x=30.0, centre_y=34.0, size=30.0)])
+    start = render([IMG2IMG_START_SCENE])
     images = generate(model, [caption(*IMG2IMG_PROMPT)] * count, steps=steps, guidance=guidance,
                       sampler=sampler, seed=FIRST_SEED, init_image=start, strength=strength, progress=False)
     return judge_image_to_image((start[0] + 1) / 2, images)
@@ -201,10 +205,11 @@ def judge_image_to_image(start: torch.Tensor, images: torch.Tensor) -> ImageToIm
     """start (3, H, W) and images (N, 3, H, W) in [0, 1]."""
     start_mask = find_shape(start)[1]
     readings = [read_image(image) for image in images]
+    # Only a picture read as a square needs its mask, found again here (read_image keeps no mask).
     in_place = [r.shape == "square" and overlap(find_shape(image)[1], start_mask) > IN_PLACE_ABOVE
                 for r, image in zip(readings, images)]
     colours = [(r.colour, r.background) == (IMG2IMG_PROMPT[0], IMG2IMG_PROMPT[2]) for r in readings]
-    return ImageToImage(score(images, [IMG2IMG_PROMPT] * len(images)), sum(in_place) / len(images),
+    return ImageToImage(score_readings(readings, [IMG2IMG_PROMPT] * len(readings)), sum(in_place) / len(images),
                         sum(c and k for c, k in zip(colours, in_place)) / len(images))
 
 
