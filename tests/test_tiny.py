@@ -12,7 +12,9 @@ from sd_scratch.tiny.dataset import (COLOURS, IMAGE_SIZE, MARGIN, SHAPES, captio
                                     random_scenes, render)
 from sd_scratch.tiny.evaluate import (IMG2IMG_PROMPT, IMG2IMG_START_SCENE, check_scorer, image_to_image_score,
                                      judge_image_to_image, latent_colour_cosine, read_image, score)
-from sd_scratch.tiny.stiffness import ADAMS_BASHFORTH_4_LIMIT, measure, slopes_along_dominant_direction
+from sd_scratch.tiny.evaluate import colour_latents
+from sd_scratch.tiny.stiffness import (ADAMS_BASHFORTH_4_LIMIT, SHAPE_CELLS, exact_region_slope, exact_slopes, measure,
+                                     slopes_along_dominant_direction)
 
 CAPTION = re.compile(r"^a (\w+) (\w+) on a (\w+) background$")
 # (colour, shape, background) for the tests that generate: every colour, shape and background at least once.
@@ -145,6 +147,28 @@ def test_guidance_makes_the_tiny_models_ode_too_stiff_for_four_step_methods(tiny
     # At guidance 1 (the prompt alone) there is no such direction.
     for row in measure(tiny_model, prompts, guidance=1.0, steps=25, every=4, iterations=6):
         assert row["step_times_stiffness"] < ADAMS_BASHFORTH_4_LIMIT
+
+
+def test_exact_region_slope_matches_two_colours_in_closed_form():
+    # Colours at -a and +a on one axis: p(+ | m) = sigmoid(2k), k = cells a m / sigma^2, so the estimate is
+    # a tanh(k) and its slope cells a^2 / sigma^2 (1 - tanh(k)^2).
+    a, cells, sigma = 0.7, 50, 2.0
+    colours = torch.tensor([[-a], [a]], dtype=torch.float64)
+    for m in (0.0, 0.05, -0.1, 0.3):
+        k = torch.tensor(cells * a * m / sigma**2, dtype=torch.float64)
+        expected = cells * a**2 / sigma**2 * (1 - torch.tanh(k) ** 2)
+        assert exact_region_slope(colours, cells, sigma, torch.tensor([m], dtype=torch.float64)) == pytest.approx(
+            float(expected), rel=1e-9)
+
+
+def test_an_exact_unconditional_model_settles_on_a_colour_by_sigma_1_5(tiny_model):
+    colours = tiny_model.vae.config.scaling_factor * colour_latents(tiny_model, list(COLOURS))
+    generator = torch.Generator().manual_seed(0)
+    # weights/README.md: for a shape, 0.50 to 0.82 at sigma 11.7 to 3.6 (the shipped model's: 0.69 to 0.82),
+    # and 0 from 1.5 down, where the shipped model still follows x (0.83 to 0.85).
+    assert exact_slopes(colours, SHAPE_CELLS, 6.2, 20, generator) > 0.5
+    assert exact_slopes(colours, SHAPE_CELLS, 1.5, 20, generator) < 0.01
+    assert exact_slopes(colours, SHAPE_CELLS, 0.67, 20, generator) < 0.01
 
 
 def test_latent_colour_cosine_measures_the_vaes_geometry(tiny_model):

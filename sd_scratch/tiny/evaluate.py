@@ -214,6 +214,18 @@ def judge_image_to_image(start: torch.Tensor, images: torch.Tensor) -> ImageToIm
 
 
 @torch.no_grad()
+def colour_latents(model, names: list[str]) -> torch.Tensor:
+    """(len(names), C): each colour's VAE latent, the posterior mean of a flat picture of it (unscaled).
+
+    It is the mean over the central half of the latent, away from the padded border.
+    """
+    weight = model.vae.quant_conv.weight  # where the VAE lives, and in which dtype
+    flat = palette_tensor(names)[:, :, None, None].expand(-1, -1, IMAGE_SIZE, IMAGE_SIZE) * 2 - 1
+    mean, _ = model.vae.encode(flat.to(weight.device, weight.dtype))
+    size = mean.shape[-1]
+    return mean[:, :, size // 4: size - size // 4, size // 4: size - size // 4].float().mean(dim=(2, 3))
+
+
 def latent_colour_cosine(model, start: tuple[str, str] = (IMG2IMG_START[0], IMG2IMG_START[2]),
                          asked: tuple[str, str] = (IMG2IMG_PROMPT[0], IMG2IMG_PROMPT[2])) -> float:
     """Cosine between the VAE latents' (shape colour - background) of the start picture and of the prompt.
@@ -222,14 +234,9 @@ def latent_colour_cosine(model, start: tuple[str, str] = (IMG2IMG_START[0], IMG2
 
     The conditioned model sees the start picture's shape through its contrast along the asked-for
     colours. A positive cosine shows it the asked-for shape where the old one is; a negative one
-    shows it the colours swapped (weights/README.md). Each colour's latent is the mean over the
-    central half of a flat picture's latent, away from the padded border.
+    shows it the colours swapped (weights/README.md).
     """
-    weight = model.vae.quant_conv.weight  # where the VAE lives, and in which dtype
-    flat = palette_tensor([*start, *asked])[:, :, None, None].expand(-1, -1, IMAGE_SIZE, IMAGE_SIZE) * 2 - 1
-    mean, _ = model.vae.encode(flat.to(weight.device, weight.dtype))
-    size = mean.shape[-1]
-    centre = mean[:, :, size // 4: size - size // 4, size // 4: size - size // 4].float().mean(dim=(2, 3))
+    centre = colour_latents(model, [*start, *asked])
     old, new = centre[0] - centre[1], centre[2] - centre[3]
     return float(old @ new / (old.norm() * new.norm()))
 

@@ -14,6 +14,10 @@ At a few steps along an Euler run this finds, per picture, the direction v in wh
 estimate changes most (power iteration on finite differences, J v ~ (D(x + eps v) - D(x)) / eps),
 and prints the slopes of the guided, unconditional and conditioned estimates along it, with
 h (1 - s) / sigma. The medians over the pictures are shown.
+
+`--exact` prints, for comparison, what an exact unconditional model would do, in a sketch that keeps
+only a flat region's mean colour (exact_region_slope): above sigma ~4 it follows x as the trained
+one does; below, it has settled on one of the eight colours and no longer follows x at all.
 """
 
 from __future__ import annotations
@@ -26,10 +30,14 @@ import torch
 from sd_scratch import samplers
 from sd_scratch.checkpoint import load_checkpoint
 from sd_scratch.sample import classifier_free_guidance, encode_prompts, initial_noise
-from sd_scratch.tiny.dataset import caption
-from sd_scratch.tiny.evaluate import FIRST_SEED, evaluation_prompts
+from sd_scratch.tiny.dataset import COLOURS, caption
+from sd_scratch.tiny.evaluate import FIRST_SEED, colour_latents, evaluation_prompts
 
 ADAMS_BASHFORTH_4_LIMIT = 0.3  # AB4 is stable for h * rate up to 3/10 on the negative real axis
+# The regions of exact_region_slope's sketch, in cells of the 16 x 16 latent: a shape of a bit under half
+# the image side, and the background behind a shape of a bit over half.
+SHAPE_CELLS, BACKGROUND_CELLS = 50, 150
+EXACT_DRAWS = 50
 
 
 def per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -95,6 +103,30 @@ def measure(model, prompts: list[str], guidance: float = 7.5, steps: int = 25, e
     return rows
 
 
+def exact_region_slope(colours: torch.Tensor, cells: int, sigma: float, region_mean: torch.Tensor) -> float:
+    """The largest slope of the exact unconditional estimate of a flat region's colour, given its noisy mean.
+
+    A region of `cells` latent cells, all one of the colours' latents mu_c (rows of `colours`, equally
+    likely), is seen through noise sigma per cell, so its mean m is mu_c + noise of std sigma / sqrt(cells):
+    p(c | m) is proportional to exp(-cells |m - mu_c|^2 / (2 sigma^2)). The exact estimate is the posterior
+    mean, sum_c p(c | m) mu_c, and its Jacobian in m is cells / sigma^2 times the posterior covariance of mu.
+    Along a unit direction spread evenly over the region's cells, this is also the slope that `measure`
+    reads off the whole latent.
+    """
+    posterior = (-cells * (region_mean - colours).square().sum(dim=1) / (2 * sigma**2)).softmax(dim=0)
+    centred = colours - posterior @ colours
+    covariance = (posterior[:, None] * centred).T @ centred
+    return float(torch.linalg.eigvalsh(cells / sigma**2 * covariance).max())
+
+
+def exact_slopes(colours: torch.Tensor, cells: int, sigma: float, draws: int, generator: torch.Generator) -> float:
+    """The median of exact_region_slope over `draws` noisy means of each colour."""
+    noisy_means = [mu + sigma / cells**0.5 * torch.randn(mu.shape, generator=generator)
+                   for mu in colours for _ in range(draws)]
+    slopes = [exact_region_slope(colours, cells, sigma, m) for m in noisy_means]
+    return float(torch.tensor(slopes).median())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="default: weights/tiny_sd.safetensors")
@@ -102,16 +134,31 @@ def main():
     parser.add_argument("--count", type=int, default=32, help="the first COUNT evaluation prompts")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--exact", action="store_true",
+                        help="also print the exact unconditional slopes of exact_region_slope at the same sigmas")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_checkpoint(args.checkpoint)
     prompts = [caption(*triple) for triple in evaluation_prompts()[: args.count]]
     print(f"{len(prompts)} prompts, Euler's path, {args.steps} steps, guidance {args.guidance:g}; medians")
-    print(f"{'step':>4} {'sigma':>7} {'h/sigma':>8} {'guided':>7} {'uncond':>7} {'cond':>7} {'h(1-s)/sigma':>13}")
+    header = f"{'step':>4} {'sigma':>7} {'h/sigma':>8} {'guided':>7} {'uncond':>7} {'cond':>7} {'h(1-s)/sigma':>13}"
+    if args.exact:
+        # The eight colours' latents as the UNet sees them (scaled).
+        colours = model.vae.config.scaling_factor * colour_latents(model, list(COLOURS))
+        header += f" {'exact shape':>12} {'exact bg':>9}"
+        print(f"exact: the exact unconditional slope for a shape of {SHAPE_CELLS} and a background of "
+              f"{BACKGROUND_CELLS} latent cells (median over {EXACT_DRAWS} noisy means of each colour)")
+    print(header)
     for row in measure(model, prompts, args.guidance, args.steps):
         flag = "  > AB4 limit" if row["step_times_stiffness"] > ADAMS_BASHFORTH_4_LIMIT else ""
+        exact = ""
+        if args.exact:
+            shape, background = (exact_slopes(colours, cells, row["sigma"], EXACT_DRAWS,
+                                              torch.Generator().manual_seed(0))
+                                 for cells in (SHAPE_CELLS, BACKGROUND_CELLS))
+            exact = f" {shape:>12.2f} {background:>9.2f}"
         print(f"{row['step']:>4} {row['sigma']:>7.3f} {row['step_over_sigma']:>8.2f} {row['guided']:>7.2f} "
-              f"{row['uncond']:>7.2f} {row['cond']:>7.2f} {row['step_times_stiffness']:>13.2f}{flag}")
+              f"{row['uncond']:>7.2f} {row['cond']:>7.2f} {row['step_times_stiffness']:>13.2f}{exact}{flag}")
 
 
 if __name__ == "__main__":
