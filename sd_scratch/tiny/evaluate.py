@@ -98,7 +98,12 @@ def find_shape(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 def read_image(image: torch.Tensor) -> Reading:
     """One image (3, H, W) in [0, 1] -> its colours and shape."""
-    background_rgb, mask, inner = find_shape(image)
+    return read_found_shape(image, *find_shape(image))
+
+
+def read_found_shape(image: torch.Tensor, background_rgb: torch.Tensor, mask: torch.Tensor,
+                     inner: torch.Tensor) -> Reading:
+    """read_image, given what find_shape found in `image`: for callers that need the mask as well."""
     background = nearest_colour(background_rgb)
     if mask.sum() < MIN_SHAPE_PIXELS:
         return Reading(None, None, background, 0.0, 0.0)
@@ -204,10 +209,10 @@ def image_to_image_score(model, count: int = 8, strength: float = 0.5, steps: in
 def judge_image_to_image(start: torch.Tensor, images: torch.Tensor) -> ImageToImage:
     """start (3, H, W) and images (N, 3, H, W) in [0, 1]."""
     start_mask = find_shape(start)[1]
-    readings = [read_image(image) for image in images]
-    # Only a picture read as a square needs its mask, found again here (read_image keeps no mask).
-    in_place = [r.shape == "square" and overlap(find_shape(image)[1], start_mask) > IN_PLACE_ABOVE
-                for r, image in zip(readings, images)]
+    found = [find_shape(image) for image in images]  # (background RGB, mask, inner pixels) per picture
+    readings = [read_found_shape(image, *shape) for image, shape in zip(images, found)]
+    in_place = [r.shape == "square" and overlap(shape[1], start_mask) > IN_PLACE_ABOVE
+                for r, shape in zip(readings, found)]
     colours = [(r.colour, r.background) == (IMG2IMG_PROMPT[0], IMG2IMG_PROMPT[2]) for r in readings]
     return ImageToImage(score_readings(readings, [IMG2IMG_PROMPT] * len(readings)), sum(in_place) / len(images),
                         sum(c and k for c, k in zip(colours, in_place)) / len(images))

@@ -109,9 +109,10 @@ def exact_region_slope(colours: torch.Tensor, cells: int, sigma: float, region_m
     A region of `cells` latent cells, all one of the colours' latents mu_c (rows of `colours`, equally
     likely), is seen through noise sigma per cell, so its mean m is mu_c + noise of std sigma / sqrt(cells):
     p(c | m) is proportional to exp(-cells |m - mu_c|^2 / (2 sigma^2)). The exact estimate is the posterior
-    mean, sum_c p(c | m) mu_c, and its Jacobian in m is cells / sigma^2 times the posterior covariance of mu.
-    Along a unit direction spread evenly over the region's cells, this is also the slope that `measure`
-    reads off the whole latent.
+    mean, sum_c p(c | m) mu_c. Its derivative in m is the posterior covariance of mu over the noise
+    variance, cells / sigma^2 * Cov(mu | m): the second-order form of Tweedie's formula (Efron 2011,
+    "Tweedie's formula and selection bias"). Along a unit direction spread evenly over the region's
+    cells, this is also the slope that `measure` reads off the whole latent.
     """
     posterior = (-cells * (region_mean - colours).square().sum(dim=1) / (2 * sigma**2)).softmax(dim=0)
     centred = colours - posterior @ colours
@@ -119,7 +120,8 @@ def exact_region_slope(colours: torch.Tensor, cells: int, sigma: float, region_m
     return float(torch.linalg.eigvalsh(cells / sigma**2 * covariance).max())
 
 
-def exact_slopes(colours: torch.Tensor, cells: int, sigma: float, draws: int, generator: torch.Generator) -> float:
+def median_exact_slope(colours: torch.Tensor, cells: int, sigma: float, draws: int,
+                       generator: torch.Generator) -> float:
     """The median of exact_region_slope over `draws` noisy means of each colour."""
     noisy_means = [mu + sigma / cells**0.5 * torch.randn(mu.shape, generator=generator)
                    for mu in colours for _ in range(draws)]
@@ -153,8 +155,8 @@ def main():
         flag = "  > AB4 limit" if row["step_times_stiffness"] > ADAMS_BASHFORTH_4_LIMIT else ""
         exact = ""
         if args.exact:
-            shape, background = (exact_slopes(colours, cells, row["sigma"], EXACT_DRAWS,
-                                              torch.Generator().manual_seed(0))
+            shape, background = (median_exact_slope(colours, cells, row["sigma"], EXACT_DRAWS,
+                                                    torch.Generator().manual_seed(0))
                                  for cells in (SHAPE_CELLS, BACKGROUND_CELLS))
             exact = f" {shape:>12.2f} {background:>9.2f}"
         print(f"{row['step']:>4} {row['sigma']:>7.3f} {row['step_over_sigma']:>8.2f} {row['guided']:>7.2f} "
