@@ -218,14 +218,19 @@ def judge_image_to_image(start: torch.Tensor, images: torch.Tensor) -> ImageToIm
                         sum(c and k for c, k in zip(colours, in_place)) / len(images))
 
 
-@torch.no_grad()
 def colour_latents(model, names: list[str]) -> torch.Tensor:
-    """(len(names), C): each colour's VAE latent, the posterior mean of a flat picture of it (unscaled).
+    """(len(names), C): each palette colour's VAE latent (rgb_latents), unscaled."""
+    return rgb_latents(model, palette_tensor(names))
 
-    It is the mean over the central half of the latent, away from the padded border.
+
+@torch.no_grad()
+def rgb_latents(model, rgb: torch.Tensor) -> torch.Tensor:
+    """(N, C): the VAE latent of each (N, 3) RGB colour in [0, 1], the posterior mean of a flat picture of it.
+
+    It is the mean over the central half of the latent, away from the padded border; unscaled.
     """
     weight = model.vae.quant_conv.weight  # where the VAE lives, and in which dtype
-    flat = palette_tensor(names)[:, :, None, None].expand(-1, -1, IMAGE_SIZE, IMAGE_SIZE) * 2 - 1
+    flat = rgb[:, :, None, None].expand(-1, -1, IMAGE_SIZE, IMAGE_SIZE) * 2 - 1
     mean, _ = model.vae.encode(flat.to(weight.device, weight.dtype))
     size = mean.shape[-1]
     return mean[:, :, size // 4: size - size // 4, size // 4: size - size // 4].float().mean(dim=(2, 3))
