@@ -116,7 +116,7 @@ def test_prompts_get_their_colours_and_shapes(tiny_model):
 
 
 # --------------------------------------------------------------------------------------------------
-# The stiffness measurement behind weights/README.md's account of LMS and PNDM
+# The stiffness measurement behind weights/LMS_AND_PNDM.md
 
 
 def test_power_iteration_finds_the_guided_slope_and_its_two_parts_on_a_linear_map():
@@ -164,7 +164,7 @@ def test_exact_region_slope_matches_two_colours_in_closed_form():
 def test_an_exact_unconditional_model_settles_on_a_colour_by_sigma_1_5(tiny_model):
     colours = tiny_model.vae.config.scaling_factor * colour_latents(tiny_model, list(COLOURS))
     generator = torch.Generator().manual_seed(0)
-    # weights/README.md: for a shape, 0.50 to 0.82 at sigma 11.7 to 3.6 (the shipped model's: 0.69 to 0.82),
+    # weights/LMS_AND_PNDM.md: for a shape, 0.50 to 0.82 at sigma 11.7 to 3.6 (the shipped model's: 0.69 to 0.82),
     # and 0 from 1.5 down, where the shipped model still follows x (0.83 to 0.85).
     assert median_exact_slope(colours, SHAPE_CELLS, 6.2, 20, generator) > 0.5
     assert median_exact_slope(colours, SHAPE_CELLS, 1.5, 20, generator) < 0.01

@@ -78,7 +78,7 @@ def test_an_exact_model_draws_every_asked_pair_at_low_guidance_with_every_sample
 
 
 def test_an_exact_model_breaks_lms_and_pndm_at_guidance_7_5_as_diffusers_does(exact_set):
-    """weights/README.md: the four-step samplers fail at 7.5 even with no network in the loop."""
+    """weights/LMS_AND_PNDM.md: the four-step samplers fail at 7.5 even with no network in the loop."""
     latents, captions, asked, seeds = exact_set
     for sampler in ("euler", "heun", "ddim", "dpmpp_2m"):
         assert right_fraction(sample_exact(sampler, 7.5, latents, captions, asked, seeds), latents, captions,

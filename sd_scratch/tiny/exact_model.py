@@ -99,9 +99,10 @@ def input_alpha_bar(plan: samplers.Plan, i: int) -> float:
 
 @torch.no_grad()
 def sample_exact(sampler: str, guidance: float, latents: torch.Tensor, captions: torch.Tensor,
-                 asked: torch.Tensor, seeds: list[int], steps: int = 25) -> torch.Tensor:
+                 asked: torch.Tensor, seeds: list[int], steps: int = 25, spacing: str = "leading",
+                 karras: bool = False) -> torch.Tensor:
     """sample.py's loop with the exact denoisers in the UNet's place; returns the final latents (B, C, H, W)."""
-    plan = samplers.make_plan(sampler, steps, prediction_type="epsilon")
+    plan = samplers.make_plan(sampler, steps, spacing=spacing, karras=karras, prediction_type="epsilon")
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]  # as sample.py: one per sample
     x = initial_noise(generators, latents.shape[1:], "cpu", torch.float32).to(latents.dtype) * plan.init_noise_sigma
     prompt_only = captions[None, :] == asked[:, None]  # the conditioned prior: the asked caption's latents
@@ -146,6 +147,8 @@ def main():
     parser.add_argument("--guidance", nargs="+", type=float, default=[1.0, 3.0, 7.5])
     parser.add_argument("--count", type=int, default=96, help="samples per sampler and guidance")
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--spacing", default="leading", choices=["leading", "linspace", "trailing"])
+    parser.add_argument("--karras", action="store_true", help="Karras sigmas (the sigma-view samplers and dpmpp_2m)")
     parser.add_argument("--sides", nargs="+", type=int, default=[5, 7, 9], help="square sides, in latent cells")
     parser.add_argument("--places", type=int, default=3, help="positions per axis")
     parser.add_argument("--shades", type=float, default=0.0, help="move each RGB channel by -A, 0, +A (0: none)")
@@ -159,11 +162,13 @@ def main():
     asked = asked_captions(args.count)
     seeds = [FIRST_SEED + k for k in range(len(asked))]
     print(f"{len(latents)} clean latents ({len(layouts)} layouts, {colours.shape[1]} shade(s) of each colour), "
-          f"{len(asked)} samples, {args.steps} steps; right: the nearest latent has the asked colours")
+          f"{len(asked)} samples, {args.steps} steps ({args.spacing}{', Karras' if args.karras else ''}); "
+          "right: the nearest latent has the asked colours")
     print(f"{'sampler':<10} {'guidance':>8} {'right':>7}")
     for sampler in args.samplers:
         for guidance in args.guidance:
-            final = sample_exact(sampler, guidance, latents, captions, asked, seeds, args.steps)
+            final = sample_exact(sampler, guidance, latents, captions, asked, seeds, args.steps, args.spacing,
+                                 args.karras)
             print(f"{sampler:<10} {guidance:>8g} {right_fraction(final, latents, captions, asked):>7.1%}", flush=True)
 
 

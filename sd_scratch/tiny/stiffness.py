@@ -1,4 +1,4 @@
-"""How stiff is guided sampling? The measurement behind weights/README.md's account of LMS and PNDM.
+"""How stiff is guided sampling? The measurement behind weights/LMS_AND_PNDM.md.
 
     python -m sd_scratch.tiny.stiffness                      # 32 prompts along Euler's path, guidance 7.5
     python -m sd_scratch.tiny.stiffness --guidance 3 --count 8
