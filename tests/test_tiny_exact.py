@@ -9,7 +9,7 @@ from reference_pipeline import reference_scheduler
 from sd_scratch import samplers
 from sd_scratch.checkpoint import load_checkpoint
 from sd_scratch.sample import classifier_free_guidance
-from sd_scratch.tiny.exact_model import (asked_captions, exact_denoiser, exact_noise_prediction, finite_dataset,
+from sd_scratch.tiny.exact_model import (asked_captions, exact_denoiser, exact_noise_prediction, finite_dataset, main,
                                          right_fraction, sample_exact, shaded_colours, square_layouts)
 
 
@@ -100,3 +100,20 @@ def test_an_exact_model_breaks_lms_and_pndm_at_guidance_7_5_as_diffusers_does(ex
                                              exact_noise_prediction(model_input, alpha_bar, latents, prompt_only), 7.5)
             x = scheduler.step(noise, t, x).prev_sample
         assert right_fraction(x, latents, captions, asked) == pytest.approx(ours, abs=1 / 32), sampler
+
+
+def test_the_command_prints_a_table_and_refuses_bad_arguments_in_one_line(capsys):
+    main(["--samplers", "euler", "--guidance", "1", "--count", "4", "--sides", "7", "--places", "1"])
+    out = capsys.readouterr().out
+    assert out.startswith("56 clean latents (1 layouts, 1 shade(s) of each colour), 4 samples, 25 steps")
+    assert out.splitlines()[-1].split() == ["euler", "1", "100.0%"]
+    for bad, message in [(["--sides", "16"], "--sides must be between 1 and 15"),
+                         (["--places", "0"], "must be at least 1"),
+                         (["--shades", "-0.1"], "--shades must be between 0 and 0.5"),
+                         (["--karras"], "--karras needs sigma-based samplers"),
+                         (["--checkpoint", "no/such/file.safetensors"], "checkpoint not found")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(bad)
+        assert exit_.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert message in error, bad

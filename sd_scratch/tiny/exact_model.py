@@ -29,7 +29,7 @@ import itertools
 import torch
 
 from sd_scratch import samplers
-from sd_scratch.checkpoint import load_checkpoint
+from sd_scratch.checkpoint import CheckpointError, load_checkpoint
 from sd_scratch.sample import classifier_free_guidance, initial_noise
 from sd_scratch.tiny.dataset import COLOURS
 from sd_scratch.tiny.evaluate import FIRST_SEED, rgb_latents
@@ -140,8 +140,8 @@ def asked_captions(count: int, colours: int = len(COLOURS), seed: int = 0) -> to
     return pairs[torch.randint(len(pairs), (count,), generator=torch.Generator().manual_seed(seed))]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(prog="python -m sd_scratch.tiny.exact_model", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="whose VAE gives the colours (default: the tiny model)")
     parser.add_argument("--samplers", nargs="+", default=list(samplers.SAMPLER_NAMES), choices=samplers.SAMPLER_NAMES)
     parser.add_argument("--guidance", nargs="+", type=float, default=[1.0, 3.0, 7.5])
@@ -153,10 +153,22 @@ def main():
     parser.add_argument("--places", type=int, default=3, help="positions per axis")
     parser.add_argument("--shades", type=float, default=0.0, help="move each RGB channel by -A, 0, +A (0: none)")
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not all(0 < side < LATENT_SIZE for side in args.sides):
+        parser.error(f"--sides must be between 1 and {LATENT_SIZE - 1} latent cells, got {args.sides}")
+    if args.places < 1 or args.count < 1 or args.steps < 1:
+        parser.error("--places, --count and --steps must be at least 1")
+    if not 0 <= args.shades <= 0.5:
+        parser.error(f"--shades must be between 0 and 0.5 (a fraction of each RGB channel), got {args.shades}")
+    if args.karras and {"ddim", "pndm"} & set(args.samplers):
+        parser.error("--karras needs sigma-based samplers: leave ddim and pndm out of --samplers")
     torch.set_num_threads(args.threads)
+    try:
+        model = load_checkpoint(args.checkpoint)
+    except CheckpointError as error:
+        parser.exit(2, f"error: {error}\n")
 
-    colours = shaded_colours(load_checkpoint(args.checkpoint), args.shades)
+    colours = shaded_colours(model, args.shades)
     layouts = square_layouts(args.sides, args.places)
     latents, captions = finite_dataset(colours, layouts)
     asked = asked_captions(args.count)
