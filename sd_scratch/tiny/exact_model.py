@@ -31,7 +31,7 @@ import torch
 from sd_scratch import samplers
 from sd_scratch.checkpoint import CheckpointError, load_checkpoint
 from sd_scratch.sample import classifier_free_guidance, initial_noise
-from sd_scratch.tiny.dataset import COLOURS
+from sd_scratch.tiny.dataset import COLOURS, palette_tensor
 from sd_scratch.tiny.evaluate import FIRST_SEED, rgb_latents
 
 LATENT_SIZE = 16  # the tiny model's latents: 64 x 64 pixels, shrunk 4 times
@@ -127,7 +127,7 @@ def shaded_colours(model, shade: float) -> torch.Tensor:
     """(8, S, C): the scaled latents of each palette colour's shades (S = 1 without shades, else 27)."""
     steps = (-shade, 0.0, shade) if shade > 0 else (0.0,)
     offsets = torch.tensor(list(itertools.product(steps, repeat=3)))  # (S, 3)
-    base = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 255  # (8, 3)
+    base = palette_tensor(list(COLOURS))  # (8, 3)
     rgb = (base[:, None, :] + offsets[None]).clamp(0, 1)  # (8, S, 3)
     scaled = model.vae.config.scaling_factor * rgb_latents(model, rgb.flatten(0, 1))
     return scaled.double().view(len(base), len(offsets), -1)
