@@ -6,16 +6,17 @@
 A network trained to convergence on a finite set of clean latents x_1 .. x_N, all equally likely,
 computes the least-squares estimate of x_0 from x = x_0 + sigma * noise, which is the posterior mean
 
-    D(x) = sum_k w_k x_k,    w = softmax_k(-|x - x_k|^2 / (2 sigma^2)),
+    D(x) = sum_k w_k x_k,    w = softmax_k(-|x - x_k|^2 / (2 sigma^2))
 
-and, given a caption, the same sum over that caption's images alone. Sampling these two with the
+(the "ideal denoiser" of Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
+Generative Models", appendix B), and, given a caption, the same sum over that caption's images alone. Sampling these two with the
 samplers and the classifier-free guidance of sample.py leaves no network and no training in the
 loop: whatever still goes wrong belongs to the data and the sampler.
 
 The data mirror the tiny dataset in the shipped VAE's latent space (4 x 16 x 16): a square of one of
 the eight colours on a background of another (8 x 7 ordered pairs, the caption's colours), at several
 sizes (`--sides`, in latent cells) and places (`--places` per axis, spread over the free room). Each
-colour is the VAE's latent of a flat picture of it (evaluate.colour_latents), scaled as the UNet sees
+colour is the VAE's latent of a flat picture of it (evaluate.rgb_latents), scaled as the UNet sees
 it. `--shades A` adds shades: every RGB channel of a colour moved by -A, 0 or +A (27 shades of each,
 all under the same name), so that a caption no longer pins the latent exactly. A sample counts as
 right when the image of the set nearest to it has the asked pair of colours.
@@ -56,16 +57,20 @@ def finite_dataset(colours: torch.Tensor, layouts: torch.Tensor) -> tuple[torch.
     colours: (K, S, C), S shades of K colours. Returns the latents (N, C, H, W) and each one's caption,
     numbered square colour * K + background colour.
     """
-    K, S, C = colours.shape
     latents, captions = [], []
-    for square, background in itertools.permutations(range(K), 2):
+    for square, background in itertools.permutations(range(len(colours)), 2):
         inside = colours[square][:, None, :, None, None, None]  # (S, 1, C, 1, 1, 1): the square's shade
         outside = colours[background][None, :, :, None, None, None]  # (1, S, C, 1, 1, 1): the background's
         pictures = torch.where(layouts[None, None, None], inside, outside)  # (S, S, C, L, H, W)
         pictures = pictures.permute(0, 1, 3, 2, 4, 5).flatten(0, 2)  # (S * S * L, C, H, W)
         latents.append(pictures)
-        captions.append(torch.full((len(pictures),), square * K + background))
+        captions.append(torch.full((len(pictures),), caption_number(square, background, len(colours))))
     return torch.cat(latents), torch.cat(captions)
+
+
+def caption_number(square: int, background: int, colours: int) -> int:
+    """finite_dataset's number for the caption of a square of colour `square` on `background`."""
+    return square * colours + background
 
 
 def exact_denoiser(x: torch.Tensor, sigma: float, latents: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -93,7 +98,8 @@ def exact_noise_prediction(model_input: torch.Tensor, alpha_bar: float, latents:
 def input_alpha_bar(plan: samplers.Plan, i: int) -> float:
     """alpha_bar of what the UNet sees at call i: from the plan's sigma where it has one, else from t."""
     if plan.sigmas is not None:
-        return 1 / (1 + float(plan.sigmas[i]) ** 2)
+        alpha, _ = samplers.alpha_and_noise_level(float(plan.sigmas[i]))  # alpha = sqrt(alpha_bar)
+        return alpha**2
     return float(plan.alphas_cumprod[int(plan.timesteps[i])])
 
 
@@ -125,8 +131,8 @@ def right_fraction(final: torch.Tensor, latents: torch.Tensor, captions: torch.T
 
 def shaded_colours(model, shade: float) -> torch.Tensor:
     """(8, S, C): the scaled latents of each palette colour's shades (S = 1 without shades, else 27)."""
-    steps = (-shade, 0.0, shade) if shade > 0 else (0.0,)
-    offsets = torch.tensor(list(itertools.product(steps, repeat=3)))  # (S, 3)
+    moves = (-shade, 0.0, shade) if shade > 0 else (0.0,)
+    offsets = torch.tensor(list(itertools.product(moves, repeat=3)))  # (S, 3): every channel moved or not
     base = palette_tensor(list(COLOURS))  # (8, 3)
     rgb = (base[:, None, :] + offsets[None]).clamp(0, 1)  # (8, S, 3)
     scaled = model.vae.config.scaling_factor * rgb_latents(model, rgb.flatten(0, 1))
@@ -135,8 +141,8 @@ def shaded_colours(model, shade: float) -> torch.Tensor:
 
 def asked_captions(count: int, colours: int = len(COLOURS), seed: int = 0) -> torch.Tensor:
     """`count` captions drawn evenly from finite_dataset's numbering, with a fixed seed."""
-    pairs = torch.tensor([square * colours + background for square, background in
-                          itertools.permutations(range(colours), 2)])
+    pairs = torch.tensor([caption_number(square, background, colours)
+                          for square, background in itertools.permutations(range(colours), 2)])
     return pairs[torch.randint(len(pairs), (count,), generator=torch.Generator().manual_seed(seed))]
 
 
