@@ -9,9 +9,10 @@ computes the least-squares estimate of x_0 from x = x_0 + sigma * noise, which i
     D(x) = sum_k w_k x_k,    w = softmax_k(-|x - x_k|^2 / (2 sigma^2))
 
 (the "ideal denoiser" of Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
-Generative Models", appendix B), and, given a caption, the same sum over that caption's images alone. Sampling these two with the
-samplers and the classifier-free guidance of sample.py leaves no network and no training in the
-loop: whatever still goes wrong belongs to the data and the sampler.
+Generative Models", appendix B), and, given a caption, the same sum over that caption's images
+alone. Sampling these two with the samplers and the classifier-free guidance of sample.py leaves
+no network and no training in the loop: whatever still goes wrong belongs to the data and the
+sampler.
 
 The data mirror the tiny dataset in the shipped VAE's latent space (4 x 16 x 16): a square of one of
 the eight colours on a background of another (8 x 7 ordered pairs, the caption's colours), at several
