@@ -88,7 +88,7 @@ def measure(model, prompts: list[str], guidance: float = 7.5, steps: int = 25, e
         def estimates(latents, i=i, t=t):
             scaled = samplers.scale_model_input(plan, i, latents)
             eps_uncond, eps_cond = model.unet(scaled, t, uncond_context), model.unet(scaled, t, cond_context)
-            return samplers.predicted_x0(plan, i, latents, eps_uncond), samplers.predicted_x0(plan, i, latents, eps_cond)
+            return tuple(samplers.predicted_x0(plan, i, latents, eps) for eps in (eps_uncond, eps_cond))
 
         if i % every == 0 and sigma_next > 0:
             guided, uncond, cond = slopes_along_dominant_direction(
