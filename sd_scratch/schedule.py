@@ -13,8 +13,10 @@ The two views differ only by the factor sqrt(alpha_bar_t) = 1 / sqrt(sigma_t**2 
 think in sigmas (Euler, LMS, Heun) hold x in the sigma view and divide it by sqrt(sigma**2 + 1)
 before the UNet sees it, because the UNet was trained on the alpha view.
 
-The numbers here are computed exactly as diffusers computes them (float32 betas; timestep grids in
-numpy float64), so that our timesteps and sigmas agree with it bit for bit.
+The second half of this file is how inference picks its grid of noise levels from the training
+schedule: which timesteps (spacings), which sigmas (interpolated, or Karras'), and the three grids
+the samplers walk. The numbers are computed exactly as diffusers computes them (float32 betas;
+timestep grids in numpy float64), so that our timesteps and sigmas agree with it bit for bit.
 """
 
 from dataclasses import dataclass
@@ -37,6 +39,9 @@ class ScheduleConfig:
     steps_offset: int = 1
     # DDIM and PNDM step past t = 0 to alpha_bar = 1 (True) or stop at alpha_bar_0 (False, SD).
     set_alpha_to_one: bool = False
+    # How inference spreads its steps over the training timesteps unless told otherwise (SPACINGS).
+    # SD 1.x/2.x and SDXL: "leading"; the few-step Turbo and Lightning models: "trailing".
+    timestep_spacing: str = "leading"
 
 
 SD15_SCHEDULE = ScheduleConfig()
@@ -63,6 +68,16 @@ def sigmas(schedule: ScheduleConfig = SD15_SCHEDULE) -> torch.Tensor:
     """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for t = 0 .. T-1, rising from 0.029 to 14.6."""
     alpha_bar = alphas_cumprod(schedule)
     return ((1 - alpha_bar) / alpha_bar) ** 0.5
+
+
+def alpha_and_noise_level(sigma):
+    """sigma view -> alpha view: alpha = sqrt(alpha_bar) = 1 / sqrt(sigma**2 + 1), noise level = sigma * alpha."""
+    alpha = 1 / (sigma**2 + 1) ** 0.5
+    return alpha, sigma * alpha
+
+
+# --------------------------------------------------------------------------------------------------
+# Inference: choosing the steps
 
 
 def check_num_steps(num_steps, schedule: ScheduleConfig = SD15_SCHEDULE) -> None:
@@ -128,3 +143,50 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float
     ramp = np.linspace(0, 1, num_steps)
     max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+# --------------------------------------------------------------------------------------------------
+# The three grids the samplers walk. Each takes (num_steps, spacing, karras, schedule) and returns
+# (timesteps given to the UNet, noise levels or None), in the dtypes diffusers uses.
+
+
+def sigma_grid(num_steps: int, spacing: str, karras: bool, schedule: ScheduleConfig = SD15_SCHEDULE):
+    """k-diffusion's grid (diffusers' Euler, LMS, Heun): the spaced timesteps, fractional, as float32,
+    and the sigma at each, then 0, where the last step lands.
+
+    karras: the sigmas of Karras et al. 2022 between the spaced grid's first and last sigma instead,
+    with the (fractional) timestep of each.
+    """
+    timesteps = spaced_timesteps(num_steps, spacing, schedule).astype(np.float32)
+    levels = sigmas_at(timesteps, schedule)
+    if karras:
+        levels = karras_sigmas(levels[-1].item(), levels[0].item(), num_steps)
+        timesteps = sigma_to_timestep(levels, schedule).astype(np.float32)
+    return torch.from_numpy(timesteps), torch.from_numpy(np.append(levels, 0.0).astype(np.float32))
+
+
+def dpm_solver_grid(num_steps: int, spacing: str, karras: bool, schedule: ScheduleConfig = SD15_SCHEDULE):
+    """diffusers' DPMSolverMultistepScheduler's grid: whole timesteps, and the sigma at each, then 0.
+
+    It spaces num_steps + 1 points and drops the last (t = 0) for "leading" and "linspace". With
+    karras, Karras sigmas span the whole training range and each is given its nearest whole timestep.
+    """
+    if karras:
+        training_sigmas = sigmas(schedule)
+        levels = karras_sigmas(training_sigmas[0].item(), training_sigmas[-1].item(), num_steps)
+        timesteps = sigma_to_timestep(levels, schedule).round()
+    else:
+        if spacing == "trailing":
+            timesteps = spaced_timesteps(num_steps, spacing, schedule)
+        else:
+            timesteps = spaced_timesteps(num_steps + 1, spacing, schedule)[:-1]
+        timesteps = timesteps.round()
+        levels = sigmas_at(timesteps, schedule)
+    return (torch.from_numpy(timesteps.astype(np.int64)),
+            torch.from_numpy(np.append(levels, 0.0).astype(np.float32)))
+
+
+def timestep_grid(num_steps: int, spacing: str, karras: bool, schedule: ScheduleConfig = SD15_SCHEDULE):
+    """The grid of DDIM and PNDM: whole timesteps only (int64); their steps read alpha_bar off the
+    training schedule at t and t - T // num_steps, so there are no sigmas. (karras does not apply.)"""
+    return torch.from_numpy(spaced_timesteps(num_steps, spacing, schedule).round().astype(np.int64)), None

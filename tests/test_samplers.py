@@ -296,10 +296,26 @@ def test_a_step_repeated_with_the_same_inputs_repeats_its_output(name):
 def test_heun_ends_with_a_plain_euler_step():
     plan = samplers.make_plan("heun", 3)
     assert plan.sigmas[-1] == 0 and len(plan.timesteps) == 5
-    x, state = start_noise() * plan.init_noise_sigma, None
+    x, state = start_noise() * plan.init_noise_sigma, samplers.initial_state(plan)
     for i, t in enumerate(plan.timesteps):
         x, state = samplers.step(plan, i, x, dummy_model(samplers.scale_model_input(plan, i, x), t), state)
-        assert (state is None) == (i % 2 == 1 or i == len(plan.timesteps) - 1)
+        # after a corrector call, and after the last (plain Euler) step, the next call is a predictor
+        assert (state.stage == "predictor") == (i % 2 == 1 or i == len(plan.timesteps) - 1)
+
+
+def test_pndm_names_its_stages_and_redoes_its_first_step_from_the_same_start():
+    plan = samplers.make_plan("pndm", 5)
+    assert plan.timesteps.tolist() == [801, 601, 601, 401, 201, 1]  # the second timestep twice
+    x = start_noise()
+    state, stages = samplers.initial_state(plan), []
+    for i, t in enumerate(plan.timesteps):
+        stages.append(state.stage)
+        x_before = x
+        x, state = samplers.step(plan, i, x, dummy_model(x, t), state)
+        if i == 0:
+            assert state.x_start is x_before
+    assert stages == ["first", "redo_first", "multistep", "multistep", "multistep", "multistep"]
+    assert state.x_start is None and len(state.model_outputs) == 4  # the redo's output is not kept
 
 
 # ---------------------------------------------------------------------------------------------
