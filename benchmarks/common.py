@@ -28,6 +28,7 @@ RESULTS_DIR = Path(__file__).parent / "results"
 FP32_FILE = Path("/tmp/sd15_random.safetensors")
 FP16_FILE = Path("/tmp/sd15_random_fp16.safetensors")
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"  # the CLIP vocabulary, for diffusers' tokenizer
+TESTS_DIR = Path(__file__).resolve().parent.parent / "tests"  # twins.py: diffusers' twins of a single file
 
 
 def cpu_model() -> str:
@@ -89,47 +90,23 @@ def write_table(name: str, title: str, header: list[str], rows: list[list[str]],
 # diffusers' side
 
 
-def diffusers_configs() -> tuple[dict, dict, dict]:
-    """The SD 1.5 configs of diffusers' UNet, VAE and transformers' CLIP text model."""
-    unet = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                layers_per_block=2, cross_attention_dim=768, attention_head_dim=8)
-    vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-               layers_per_block=2, sample_size=512, scaling_factor=0.18215)
-    clip = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-                pad_token_id=1, bos_token_id=49406, eos_token_id=49407)
-    return unet, vae, clip
-
-
 def diffusers_models(single_file: Path, dtype=None):
     """diffusers' UNet2DConditionModel, AutoencoderKL and transformers' CLIPTextModel holding the
-    single file's weights, converted by diffusers' own functions and loaded strictly."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (
-        convert_ldm_clip_checkpoint,
-        convert_ldm_unet_checkpoint,
-        convert_ldm_vae_checkpoint,
-    )
+    single file's weights, converted by diffusers' own functions and loaded strictly (tests/twins.py)."""
     import torch
     from safetensors.torch import load_file
-    from transformers import CLIPTextConfig, CLIPTextModel
 
-    unet_config, vae_config, clip_config = diffusers_configs()
+    from sd_scratch.text_encoder import TextEncoderConfig
+    from sd_scratch.unet import UNetConfig
+    from sd_scratch.vae import VAEConfig
+
+    sys.path.insert(0, str(TESTS_DIR))
+    from twins import diffusers_twins
+
     original = load_file(str(single_file))
-    unet = UNet2DConditionModel(**unet_config)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(original, unet_config), strict=True)
-    vae = AutoencoderKL(**vae_config)
-    vae.load_state_dict(convert_ldm_vae_checkpoint(original, vae_config), strict=True)
-    clip = CLIPTextModel(CLIPTextConfig(**clip_config))
-    # transformers 5's CLIPTextModel keeps its layers without the "text_model." prefix.
-    clip_state = {k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(original).items()
-                  if "position_ids" not in k}
-    clip.load_state_dict(clip_state, strict=True)
+    twins = diffusers_twins(original, UNetConfig(), VAEConfig(), TextEncoderConfig())
     del original
-    return [m.to(dtype or torch.float32).eval().requires_grad_(False) for m in (unet, vae, clip)]
+    return [m.to(dtype or torch.float32).eval().requires_grad_(False) for m in (twins.unet, twins.vae, twins.text_encoder)]
 
 
 def diffusers_folder(single_file: Path, folder: Path, dtype: str = "float16") -> Path:

@@ -28,7 +28,7 @@ torch.set_num_threads({THREADS})
 """
 
 OURS = PREAMBLE + r"""
-from sd_scratch.checkpoint import load_checkpoint
+from sd_scratch.loading import load_checkpoint
 path, dtype = sys.argv[1], getattr(torch, sys.argv[2])
 start = time.perf_counter()
 model = load_checkpoint(path, dtype=dtype)

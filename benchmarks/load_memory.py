@@ -16,12 +16,12 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time
 import torch
-import sd_scratch.checkpoint as checkpoint
+from sd_scratch.loading import load_checkpoint
 torch.set_num_threads(2)
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 dtype = {"fp32": torch.float32, "fp16": torch.float16}[sys.argv[2]]
 start = time.perf_counter()
-model = checkpoint.load_checkpoint(sys.argv[1], dtype=dtype)
+model = load_checkpoint(sys.argv[1], dtype=dtype)
 seconds = time.perf_counter() - start
 tensors = [t for m in (model.unet, model.vae, model.text_encoder) for t in m.state_dict().values()]
 for t in tensors:  # touch every weight, so pages a lazy (memory-mapped) load left on disk are counted too

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sd_scratch.checkpoint import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from sd_scratch.loading.single_file import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 from sd_scratch.text_encoder import TextEncoder, TextEncoderConfig
 from sd_scratch.unet import UNet, UNetConfig
 from sd_scratch.vae import VAE, VAEConfig

@@ -55,7 +55,7 @@ def main():
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sd_scratch.checkpoint import load_checkpoint
+    from sd_scratch.loading import load_checkpoint
 
     torch.set_num_threads(THREADS)
     ours = load_checkpoint(FP32_FILE)

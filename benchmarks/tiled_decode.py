@@ -28,14 +28,15 @@ CHILD = f"""
 import json, resource, sys, time
 import numpy as np, torch
 torch.set_num_threads({THREADS})
-from sd_scratch.checkpoint import load_checkpoint
+from sd_scratch.loading import load_checkpoint
+from sd_scratch.vae import decode_tiled
 side, tiled, out = int(sys.argv[1]), sys.argv[2] == "tiled", sys.argv[3]
 vae = load_checkpoint(sys.argv[4]).vae  # the UNet's and text encoder's tensors are never read
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 z = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(0))
 with torch.inference_mode():
     start = time.perf_counter()
-    images = vae.decode_tiled(z) if tiled else vae.decode(z)
+    images = decode_tiled(vae, z) if tiled else vae.decode(z)
     seconds = time.perf_counter() - start
 np.save(out, (images[0] / 2 + 0.5).clamp(0, 1).numpy())
 print(json.dumps(dict(seconds=seconds, before=before, peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)))

@@ -32,7 +32,7 @@ OURS = r"""
 import json, resource, sys, time
 import numpy as np, torch
 torch.set_num_threads(THREADS)
-from sd_scratch.checkpoint import load_checkpoint
+from sd_scratch.loading import load_checkpoint
 from sd_scratch.sample import generate
 args = json.loads(sys.argv[1])
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -40,7 +40,7 @@ start = time.perf_counter()
 model = load_checkpoint(args["path"], dtype=torch.float32)
 loaded = time.perf_counter()
 images = generate(model, [args["prompt"]], steps=args["steps"], guidance=7.5, sampler="euler", seed=0,
-                  height=args["size"], width=args["size"], progress=False, **args["options"])
+                  height=args["size"], width=args["size"], progress=False, **args["options"]).images
 done = time.perf_counter()
 np.save(args["out"], images[0].permute(1, 2, 0).numpy())
 print(json.dumps(dict(total=done - start, load=loaded - start, generate=done - loaded, baseline=baseline,

@@ -13,8 +13,8 @@ matching; Stable Diffusion uses none of that.)
 The module tree mirrors the SD 1.x single-file checkpoint: `TextEncoder(config).state_dict()` has
 exactly the keys stored there under `cond_stage_model.transformer.`, e.g.
 `text_model.encoder.layers.3.self_attn.q_proj.weight`. SD 2.x files store OpenCLIP's names
-(`transformer.resblocks.3.attn.in_proj_weight`, q, k and v fused); `openclip_to_clip_keys`
-renames them. `infer_text_encoder_config` reads the sizes off the tensors.
+(`transformer.resblocks.3.attn.in_proj_weight`, q, k and v fused); the loader renames them
+(`loading/single_file.py`) and reads the sizes off the tensors (`loading/configs.py`).
 """
 
 from __future__ import annotations
@@ -130,63 +130,3 @@ class TextEncoder(nn.Module):
         for layer in layers[: len(layers) - skip_last_layers]:
             x = layer(x)
         return model.final_layer_norm(x)
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading SD 2.x's OpenCLIP layout, and the sizes of any layout
-
-# OpenCLIP name fragment -> our name fragment. Applied in order to every key.
-OPENCLIP_RENAMES = [
-    ("token_embedding.", "embeddings.token_embedding."),
-    ("positional_embedding", "embeddings.position_embedding.weight"),  # a bare Parameter in OpenCLIP
-    ("transformer.resblocks.", "encoder.layers."),
-    (".ln_1.", ".layer_norm1."),
-    (".ln_2.", ".layer_norm2."),
-    (".attn.out_proj.", ".self_attn.out_proj."),
-    (".mlp.c_fc.", ".mlp.fc1."),
-    (".mlp.c_proj.", ".mlp.fc2."),
-    ("ln_final.", "final_layer_norm."),
-]
-# CLIP's contrastive head (the end token's projection into the image-text space, and the softmax
-# temperature). Stable Diffusion never uses them, so they are dropped.
-OPENCLIP_UNUSED = {"text_projection", "logit_scale"}
-
-
-def openclip_to_clip_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an OpenCLIP text tower (keys without `cond_stage_model.model.`) to our key names.
-
-    OpenCLIP's attention is torch's nn.MultiheadAttention, which stores q, k and v stacked in one
-    `in_proj_weight` of shape (3 * width, width) (and one `in_proj_bias`): we cut it in thirds.
-    `text_projection` and `logit_scale` are dropped. Keys we do not know pass through renamed as
-    far as the table goes, so a strict load names them.
-    """
-    ours = {}
-    for key, tensor in state_dict.items():
-        if key in OPENCLIP_UNUSED:
-            continue
-        name = key
-        for old, new in OPENCLIP_RENAMES:
-            name = name.replace(old, new)
-        if ".attn.in_proj_" in name:  # e.g. encoder.layers.3.attn.in_proj_weight
-            layer, kind = name.split(".attn.in_proj_")  # kind: "weight" or "bias"
-            for projection, third in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
-                ours[f"text_model.{layer}.self_attn.{projection}.{kind}"] = third
-        else:
-            ours["text_model." + name] = tensor
-    return ours
-
-
-def infer_text_encoder_config(state_dict: dict[str, torch.Tensor], activation: str) -> TextEncoderConfig:
-    """Read the sizes off the tensors (our key names). The activation is not visible in the weights:
-    the layout tells it (OpenAI CLIP: "quick_gelu", OpenCLIP: "gelu")."""
-    vocab_size, width = state_dict["text_model.embeddings.token_embedding.weight"].shape
-    layers = {key.split(".")[3] for key in state_dict if key.startswith("text_model.encoder.layers.")}
-    return TextEncoderConfig(
-        vocab_size=vocab_size,
-        max_positions=state_dict["text_model.embeddings.position_embedding.weight"].shape[0],
-        width=width,
-        layers=len(layers),
-        heads=width // 64,  # both CLIP ViT-L and OpenCLIP ViT-H use heads of 64 channels
-        mlp_width=state_dict["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-        activation=activation,
-    )

@@ -18,6 +18,9 @@ The shape of the network, for SD 1.5 (model_channels 320, multipliers 1, 2, 4, 4
     out            group norm, SiLU, conv to 4 channels
 
 Every residual block also receives the timestep embedding; every transformer attends to the text.
+
+The convolutions are `Conv2d`: nn.Conv2d with a speed-up on the CPU for small maps, defined after the
+network at the end of the file, with what it buys. `UNet.set_attention_slices` trades speed for memory.
 """
 
 from __future__ import annotations
@@ -60,34 +63,6 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     frequencies = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
     angles = timesteps.float()[:, None] * frequencies[None, :]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
-
-
-# On the CPU, convolutions over at most this many positions (batch x height x width) skip oneDNN
-# (see Conv2d): SD's guided batch of 2 on the 16x16 and 8x8 levels of a 512x512 image.
-SMALL_CONV_POSITIONS = 2 * 16 * 16
-
-
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d, except that on the CPU a small input is convolved by PyTorch's own im2col + GEMM.
-
-    oneDNN, torch's usual CPU convolution, first rewrites the weight into its own blocked layout, on
-    every call. That costs in proportion to the weight (in x out x 3 x 3), the arithmetic in
-    proportion to the weight times the output positions, so on the UNet's deepest levels (1280
-    channels, 8x8 latent pixels for a 512 image, 4x4 for 256) the rewrite costs more than the
-    convolution: 1280 -> 1280 on 8x8, batch 2, takes 44 ms through oneDNN and 22 ms without it.
-    With more positions (a larger batch or map) oneDNN is the faster. The same sums in another order.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        positions = x.shape[0] * x.shape[-2] * x.shape[-1]
-        if x.device.type != "cpu" or positions > SMALL_CONV_POSITIONS or torch.compiler.is_compiling():
-            return super().forward(x)
-        enabled = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = False
-        try:
-            return super().forward(x)
-        finally:
-            torch.backends.mkldnn.enabled = enabled
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -315,19 +290,15 @@ class UNet(nn.Module):
             GroupNorm32(c.norm_groups, ch), nn.SiLU(), Conv2d(ch, c.out_channels, 3, padding=1)
         )
 
-    def set_attention_slices(self, slices: int) -> None:
-        """Compute every attention in `slices` slices of queries, one after the other: the same result,
-        with 1/slices of the (queries x keys) score matrix in memory at a time. For devices whose
-        attention kernel writes that matrix out (4096 x 4096 per head for a 512 image); torch's fused
-        CPU and CUDA kernels never hold it whole anyway. 1 turns slicing off."""
-        if slices < 1:
-            raise ValueError(f"attention slices must be at least 1, got {slices}")
-        for module in self.modules():
-            if isinstance(module, Attention):
-                module.slices = slices
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor,
+                vector: torch.Tensor | None = None) -> torch.Tensor:
+        """latents (B, 4, H/8, W/8), timestep scalar or (B,), context (B, 77k, context_dim) -> noise (B, 4, H/8, W/8).
 
-    def forward(self, latents: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
-        """latents (B, 4, H/8, W/8), timestep scalar or (B,), context (B, 77, context_dim) -> noise (B, 4, H/8, W/8)."""
+        vector: the conditioning that a UNet with a `label_emb` adds to its timestep embedding (SDXL's
+        pooled text and image sizes); SD 1.x and 2.x have none, and condition on the context alone.
+        """
+        if vector is not None:
+            raise ValueError("this UNet has no label_emb to take a conditioning vector: it is conditioned on text alone")
         timesteps = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(latents.shape[0])
         time_emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(latents.dtype))
         context = context.to(latents.dtype)
@@ -343,3 +314,45 @@ class UNet(nn.Module):
             next_skip_size = skips[-1].shape[-2:] if skips else None
             x = block(x, time_emb, context, upsample_size=next_skip_size)
         return self.out(x)
+
+    def set_attention_slices(self, slices: int) -> None:
+        """Compute every attention in `slices` slices of queries, one after the other: the same result,
+        with 1/slices of the (queries x keys) score matrix in memory at a time. For devices whose
+        attention kernel writes that matrix out (4096 x 4096 per head for a 512 image); torch's fused
+        CPU and CUDA kernels never hold it whole anyway. 1 turns slicing off."""
+        if slices < 1:
+            raise ValueError(f"attention slices must be at least 1, got {slices}")
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.slices = slices
+
+
+# --------------------------------------------------------------------------------------------------
+# Speed: the network's convolutions, with oneDNN skipped where it costs more than it saves
+
+# On the CPU, convolutions over at most this many positions (batch x height x width) skip oneDNN
+# (see Conv2d): SD's guided batch of 2 on the 16x16 and 8x8 levels of a 512x512 image.
+SMALL_CONV_POSITIONS = 2 * 16 * 16
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d, except that on the CPU a small input is convolved by PyTorch's own im2col + GEMM.
+
+    oneDNN, torch's usual CPU convolution, first rewrites the weight into its own blocked layout, on
+    every call. That costs in proportion to the weight (in x out x 3 x 3), the arithmetic in
+    proportion to the weight times the output positions, so on the UNet's deepest levels (1280
+    channels, 8x8 latent pixels for a 512 image, 4x4 for 256) the rewrite costs more than the
+    convolution: 1280 -> 1280 on 8x8, batch 2, takes 44 ms through oneDNN and 22 ms without it.
+    With more positions (a larger batch or map) oneDNN is the faster. The same sums in another order.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        positions = x.shape[0] * x.shape[-2] * x.shape[-1]
+        if x.device.type != "cpu" or positions > SMALL_CONV_POSITIONS or torch.compiler.is_compiling():
+            return super().forward(x)
+        enabled = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False
+        try:
+            return super().forward(x)
+        finally:
+            torch.backends.mkldnn.enabled = enabled

@@ -27,32 +27,19 @@ deviation of the encoder's latents on training images, so that the diffusion wor
 The encoder and decoder here know nothing of it: `encode` and `decode` work on *unscaled* z. The
 factor enters in exactly two places, `VAE.latents_from_images` (latents = 0.18215 * z) and
 `VAE.images_from_latents` (z = latents / 0.18215), the `1 / 0.18215 * latents` of the walkthroughs.
+
+After the network, at the end of the file: the channels-last layout `decode` uses on the CPU, and
+`decode_tiled` for images too large to decode at once, each with what it buys.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-def store_channels_last(module: nn.Module) -> None:
-    """Lay every convolution weight out channels-last in memory: (out, kh, kw, in) instead of (out, in, kh, kw).
-
-    torch's CPU convolutions (oneDNN) are faster on the decoder's large feature maps when activations
-    and weights are both channels-last (NHWC), see `VAE.decode`. Shapes and values stay what they
-    were, only the order in memory changes, so the state_dict is the same. Called at the start of
-    every decode, it does its work on the first call only. Each weight is copied, not permuted in
-    place: a weight loaded from a file is a view of its memory-mapped pages, and writing to those
-    costs a copy-on-write page fault per 4 KB page (over a second for SD's VAE on our VM).
-    """
-    for weight in module.parameters():
-        if weight.ndim == 4 and not weight.is_contiguous(memory_format=torch.channels_last):
-            weight.data = weight.data.contiguous(memory_format=torch.channels_last)
 
 
 @dataclass(frozen=True)
@@ -277,33 +264,6 @@ class VAE(nn.Module):
         store_channels_last(self)  # channels-last weights and activations: faster convolutions on the CPU
         return self.decoder(self.post_quant_conv(z.to(memory_format=torch.channels_last))).contiguous()
 
-    def decode_tiled(self, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
-        """decode(z) one tile at a time: for images larger than memory allows to decode at once.
-
-        The latents are cut into tile x tile squares that overlap their neighbours by at least
-        `overlap` latents. Each is decoded on its own, and where decoded tiles overlap they are
-        cross-faded, each tile's weight ramping linearly down towards its edge, so that no seam shows.
-        Peak memory then follows the tile, not the image: with tile=64 it is that of a 512x512 decode.
-        The result is close to decode(z) but not equal: near its edges a tile's convolutions see zero
-        padding instead of the neighbouring latents, and the middle block's attention sees one tile only.
-        """
-        if not 0 <= overlap <= tile // 2:
-            raise ValueError(f"overlap must be between 0 and tile / 2 = {tile // 2} latents, got {overlap}")
-        f = self.config.downsampling_factor
-        batch, _, height, width = z.shape
-        image = torch.zeros(batch, self.config.out_channels, height * f, width * f, device=z.device, dtype=z.dtype)
-        total_weight = torch.zeros(height * f, width * f, device=z.device, dtype=z.dtype)
-        for top in tile_starts(height, tile, overlap):
-            for left in tile_starts(width, tile, overlap):
-                part = self.decode(z[:, :, top:top + tile, left:left + tile])
-                # Fade only towards edges that another tile covers too; the picture's own border keeps weight 1.
-                weight = (ramp(part.shape[-2], top > 0, top + tile < height, overlap * f)[:, None]
-                          * ramp(part.shape[-1], left > 0, left + tile < width, overlap * f)[None, :]).to(z)
-                where = (..., slice(top * f, top * f + part.shape[-2]), slice(left * f, left * f + part.shape[-1]))
-                image[where] += part * weight
-                total_weight[where] += weight
-        return image / total_weight
-
     def latents_from_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1] -> latents as the UNet sees them: latents = 0.18215 * z, z ~ N(mean, exp(logvar)).
 
@@ -319,6 +279,55 @@ class VAE(nn.Module):
     def images_from_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents as the UNet produces them -> images in about [-1, 1]: decode(latents / 0.18215)."""
         return self.decode(latents / self.config.scaling_factor)
+
+
+# --------------------------------------------------------------------------------------------------
+# Speed and memory: channels-last weights for the CPU, and decoding large images in tiles
+
+
+def store_channels_last(module: nn.Module) -> None:
+    """Lay every convolution weight out channels-last in memory: (out, kh, kw, in) instead of (out, in, kh, kw).
+
+    torch's CPU convolutions (oneDNN) are faster on the decoder's large feature maps when activations
+    and weights are both channels-last (NHWC), see `VAE.decode`. Shapes and values stay what they
+    were, only the order in memory changes, so the state_dict is the same. Called at the start of
+    every decode, it does its work on the first call only. Each weight is copied, not permuted in
+    place: a weight loaded from a file is a view of its memory-mapped pages, and writing to those
+    costs a copy-on-write page fault per 4 KB page (over a second for SD's VAE on our VM).
+    """
+    for weight in module.parameters():
+        if weight.ndim == 4 and not weight.is_contiguous(memory_format=torch.channels_last):
+            weight.data = weight.data.contiguous(memory_format=torch.channels_last)
+
+
+def decode_tiled(vae: VAE, z: torch.Tensor, tile: int = 64, overlap: int = 16) -> torch.Tensor:
+    """vae.decode(z) one tile at a time: for images larger than memory allows to decode at once.
+
+    The latents are cut into tile x tile squares that overlap their neighbours by at least
+    `overlap` latents. Each is decoded on its own, and where decoded tiles overlap they are
+    cross-faded, each tile's weight ramping linearly down towards its edge, so that no seam shows.
+    Peak memory then follows the tile, not the image: with tile=64 it is that of a 512x512 decode
+    (SD 1.5's VAE, fp32, CPU: a 2048x2048 decode peaks at 1.64 GB resident, where an untiled
+    1024x1024 one takes 3.94 GB; benchmarks/results/tiled_decode.md).
+    The result is close to decode(z) but not equal: near its edges a tile's convolutions see zero
+    padding instead of the neighbouring latents, and the middle block's attention sees one tile only.
+    """
+    if not 0 <= overlap <= tile // 2:
+        raise ValueError(f"overlap must be between 0 and tile / 2 = {tile // 2} latents, got {overlap}")
+    f = vae.config.downsampling_factor
+    batch, _, height, width = z.shape
+    image = torch.zeros(batch, vae.config.out_channels, height * f, width * f, device=z.device, dtype=z.dtype)
+    total_weight = torch.zeros(height * f, width * f, device=z.device, dtype=z.dtype)
+    for top in tile_starts(height, tile, overlap):
+        for left in tile_starts(width, tile, overlap):
+            part = vae.decode(z[:, :, top:top + tile, left:left + tile])
+            # Fade only towards edges that another tile covers too; the picture's own border keeps weight 1.
+            weight = (ramp(part.shape[-2], top > 0, top + tile < height, overlap * f)[:, None]
+                      * ramp(part.shape[-1], left > 0, left + tile < width, overlap * f)[None, :]).to(z)
+            where = (..., slice(top * f, top * f + part.shape[-2]), slice(left * f, left * f + part.shape[-1]))
+            image[where] += part * weight
+            total_weight[where] += weight
+    return image / total_weight
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -339,28 +348,3 @@ def ramp(length: int, fade_in: bool, fade_out: bool, width: int) -> torch.Tensor
     if fade_out:
         weight[length - width:] = rise.flip(0)
     return weight
-
-
-def infer_vae_config(state_dict: dict[str, torch.Tensor]) -> VAEConfig:
-    """Read the VAE's shape off its tensors, so that no yaml file is needed.
-
-    `state_dict` has the keys of `VAE().state_dict()` (an original checkpoint's keys with
-    `first_stage_model.` removed). What no tensor shape tells keeps its default: the group-norm
-    groups and epsilon (32 and 1e-6 in every SD model) and the scaling factor (0.18215; SDXL's VAE has
-    the SD layout but wants `dataclasses.replace(config, scaling_factor=0.13025)`).
-    """
-    conv_in = state_dict["encoder.conv_in.weight"]  # (base_channels, in_channels, 3, 3)
-    base_channels = conv_in.shape[0]
-    levels = {int(m.group(1)) for key in state_dict if (m := re.match(r"encoder\.down\.(\d+)\.", key))}
-    blocks = {int(m.group(1)) for key in state_dict if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", key))}
-    # The first block of each level sets the level's width: conv1 is (width, previous width, 3, 3).
-    channel_mult = tuple(state_dict[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // base_channels
-                         for i in range(len(levels)))
-    return VAEConfig(
-        in_channels=conv_in.shape[1],
-        out_channels=state_dict["decoder.conv_out.weight"].shape[0],
-        latent_channels=state_dict["post_quant_conv.weight"].shape[0],
-        base_channels=base_channels,
-        channel_mult=channel_mult,
-        num_res_blocks=len(blocks),
-    )

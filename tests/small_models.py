@@ -1,8 +1,6 @@
-"""Small random Stable Diffusion models for the tests, and their diffusers/transformers twins."""
+"""Small random Stable Diffusion models for the tests (their diffusers/transformers twins: twins.py)."""
 
 import torch
-from diffusers import AutoencoderKL
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from sd_scratch.text_encoder import TextEncoder, TextEncoderConfig
 from sd_scratch.unet import UNet, UNetConfig
@@ -41,28 +39,3 @@ def small_sd(version: int = 1, seed: int = 0):
     unet = randomize(UNet(unet_config), seed + 1)
     vae = randomize(VAE(VAE_SMALL), seed + 2)
     return text_encoder, unet, vae
-
-
-def diffusers_vae_config(c: VAEConfig, sample_size: int = 64) -> dict:
-    n = len(c.channel_mult)
-    return dict(in_channels=c.in_channels, out_channels=c.out_channels, latent_channels=c.latent_channels,
-                block_out_channels=tuple(c.base_channels * m for m in c.channel_mult),
-                down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                layers_per_block=c.num_res_blocks, norm_num_groups=c.norm_groups, sample_size=sample_size,
-                scaling_factor=c.scaling_factor)
-
-
-def transformers_clip_config(c: TextEncoderConfig) -> CLIPTextConfig:
-    return CLIPTextConfig(vocab_size=c.vocab_size, hidden_size=c.width, intermediate_size=c.mlp_width,
-                          num_hidden_layers=c.layers, num_attention_heads=c.heads,
-                          max_position_embeddings=c.max_positions, hidden_act=c.activation,
-                          layer_norm_eps=c.layer_norm_eps, pad_token_id=1, bos_token_id=49406, eos_token_id=49407,
-                          projection_dim=c.width)
-
-
-def clip_reference(c: TextEncoderConfig) -> CLIPTextModel:
-    return CLIPTextModel(transformers_clip_config(c)).eval()
-
-
-def vae_reference(c: VAEConfig) -> AutoencoderKL:
-    return AutoencoderKL(**diffusers_vae_config(c)).eval()

@@ -3,32 +3,20 @@ check of the original layout, diffusers folders written by save_pretrained, and 
 
 import json
 import pickle
+import sys
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import (
-    convert_ldm_clip_checkpoint,
-    convert_ldm_unet_checkpoint,
-    convert_ldm_vae_checkpoint,
-    convert_open_clip_checkpoint,
-)
+from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
-from reference_unet import diffusers_unet_config
-from small_models import (
-    TEXT_SD1,
-    clip_reference,
-    diffusers_vae_config,
-    small_sd,
-    transformers_clip_config,
-)
-import sys
-
-from sd_scratch.checkpoint import CheckpointError, infer_unet_config, load_checkpoint, release_weights, save_checkpoint
+from sd_scratch.loading import CheckpointError, load_checkpoint, release_weights, save_checkpoint
+from sd_scratch.loading.configs import infer_unet_config
 from sd_scratch.tokenizer import WEIGHTS_DIR
 from sd_scratch.unet import UNetConfig
+from small_models import small_sd
+from twins import diffusers_twins, transformers_clip_config
 
 
 def sample_inputs(context_dim, vocab=49408, seed=0):
@@ -96,19 +84,10 @@ def test_inferred_unet_config_of_full_size_layouts():
 def test_original_layout_matches_diffusers_converters(sd1_file):
     """The independent check: diffusers' own converters read our file as an original checkpoint."""
     path, _ = sd1_file
-    original = load_file(str(path))
     ours = load_checkpoint(path)
-
-    unet_config = diffusers_unet_config(ours.unet.config, sample_size=16)
-    unet = UNet2DConditionModel(**unet_config).eval()
-    unet.load_state_dict(convert_ldm_unet_checkpoint(original, unet_config), strict=True)
-    vae_config = diffusers_vae_config(ours.vae.config)
-    vae = AutoencoderKL(**vae_config).eval()
-    vae.load_state_dict(convert_ldm_vae_checkpoint(original, vae_config), strict=True)
-    clip = clip_reference(TEXT_SD1)
-    clip_state = convert_ldm_clip_checkpoint(original)
-    clip_state = {k.removeprefix("text_model."): v for k, v in clip_state.items() if "position_ids" not in k}
-    clip.load_state_dict(clip_state, strict=True)
+    twins = diffusers_twins(load_file(str(path)), ours.unet.config, ours.vae.config, ours.text_encoder.config,
+                            sample_size=16)
+    unet, vae, clip = twins.unet, twins.vae, twins.text_encoder
 
     x = sample_inputs(64)
     with torch.no_grad():
@@ -166,17 +145,10 @@ def test_sd2_openclip_single_file(tmp_path):
 def test_diffusers_folder_from_save_pretrained(sd1_file, tmp_path):
     """A folder written by diffusers/transformers' own save_pretrained loads and computes the same."""
     path, _ = sd1_file
-    original = load_file(str(path))
     reference = load_checkpoint(path)
-    unet_config = diffusers_unet_config(reference.unet.config, sample_size=16)
-    unet = UNet2DConditionModel(**unet_config)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(original, unet_config), strict=True)
-    vae_config = diffusers_vae_config(reference.vae.config)
-    vae = AutoencoderKL(**vae_config)
-    vae.load_state_dict(convert_ldm_vae_checkpoint(original, vae_config), strict=True)
-    clip = clip_reference(TEXT_SD1)
-    clip.load_state_dict({k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(original).items()
-                          if "position_ids" not in k}, strict=True)
+    twins = diffusers_twins(load_file(str(path)), reference.unet.config, reference.vae.config,
+                            reference.text_encoder.config, sample_size=16)
+    unet, vae, clip = twins.unet, twins.vae, twins.text_encoder
     folder = tmp_path / "folder"
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
@@ -270,7 +242,7 @@ def test_missing_tensor_is_named(sd1_file, tmp_path):
     tensors = load_file(str(path))
     del tensors["model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_v.weight"]
     save_file(tensors, str(tmp_path / "missing.safetensors"))
-    with pytest.raises(CheckpointError, match=r"UNet .*1 missing \(e\.g\. input_blocks\.1\.1\.transformer_blocks\.0\.attn2\.to_v\.weight"):
+    with pytest.raises(CheckpointError, match=r"UNet .*1 missing \(input_blocks\.1\.1\.transformer_blocks\.0\.attn2\.to_v\.weight\)"):
         load_checkpoint(tmp_path / "missing.safetensors")
 
 

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from small_models import small_sd
-from sd_scratch.checkpoint import save_checkpoint
+from sd_scratch.cli import main
 from sd_scratch.images import read_parameters
-from sd_scratch.sample import main
+from sd_scratch.loading import save_checkpoint
 
 
 @pytest.fixture(scope="module")

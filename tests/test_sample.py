@@ -1,25 +1,23 @@
 """The whole loop against diffusers' pipelines on the same weights, and its seeds."""
 
+import json
+import shutil
+
 import pytest
 import torch
-from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import (
-    convert_ldm_clip_checkpoint,
-    convert_ldm_unet_checkpoint,
-    convert_ldm_vae_checkpoint,
-)
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
 from reference_pipeline import reference_scheduler
-from reference_unet import diffusers_unet_config
-from small_models import TEXT_SD1, clip_reference, diffusers_vae_config, small_sd
-from sd_scratch.checkpoint import load_checkpoint, save_checkpoint
 from sd_scratch.images import from_pil
+from sd_scratch.loading import load_checkpoint, save_checkpoint
 from sd_scratch.sample import generate
 from sd_scratch.samplers import SAMPLER_NAMES
 from sd_scratch.tokenizer import WEIGHTS_DIR
+from small_models import small_sd
+from twins import diffusers_twins
 
 PROMPTS = ["a red circle on a blue background", "a photograph of an astronaut riding a horse"]
 NEGATIVE = "blurry, low quality"
@@ -33,16 +31,10 @@ def written(tmp_path_factory):
     root = tmp_path_factory.mktemp("model")
     single = root / "small.safetensors"
     save_checkpoint(single, *small_sd(1, seed=3), image_size=64)
-    original = load_file(str(single))
     probe = load_checkpoint(single)
-    unet_config = diffusers_unet_config(probe.unet.config, sample_size=8)
-    unet = UNet2DConditionModel(**unet_config)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(original, unet_config), strict=True)
-    vae = AutoencoderKL(**diffusers_vae_config(probe.vae.config))
-    vae.load_state_dict(convert_ldm_vae_checkpoint(original, diffusers_vae_config(probe.vae.config)), strict=True)
-    clip = clip_reference(TEXT_SD1)
-    clip.load_state_dict({k.removeprefix("text_model."): v for k, v in convert_ldm_clip_checkpoint(original).items()
-                          if "position_ids" not in k}, strict=True)
+    twins = diffusers_twins(load_file(str(single)), probe.unet.config, probe.vae.config, probe.text_encoder.config,
+                            sample_size=8)
+    unet, vae, clip = twins.unet, twins.vae, twins.text_encoder
     tokenizer = CLIPTokenizer.from_pretrained(str(WEIGHTS_DIR), model_max_length=77)
     components = dict(unet=unet.eval(), vae=vae.eval(), text_encoder=clip.eval(), tokenizer=tokenizer)
     folder = root / "folder"
@@ -71,7 +63,7 @@ def test_text_to_image_equals_diffusers_pipeline(written, layout, sampler, guida
     model = load_checkpoint(paths[layout])
     eta = 0.5 if sampler == "ddim" else (1.0 if sampler == "euler_a" else 0.0)  # ddim with eta > 0 draws noise
     ours = generate(model, PROMPTS, NEGATIVE, steps=STEPS, guidance=guidance, sampler=sampler, eta=eta, seed=11,
-                    height=HEIGHT, width=WIDTH, progress=False)
+                    height=HEIGHT, width=WIDTH, progress=False).images
     extra = {"eta": eta} if sampler == "ddim" else {}
     theirs = reference(components, sampler)(
         PROMPTS, negative_prompt=[NEGATIVE] * 2, num_inference_steps=STEPS, guidance_scale=guidance, height=HEIGHT,
@@ -93,7 +85,7 @@ def test_image_to_image_equals_diffusers_pipeline(written, sampler, strength):
     pixels = (torch.rand(HEIGHT // 8, WIDTH // 8, 3, generator=g) * 255).to(torch.uint8).numpy()
     picture = Image.fromarray(pixels).resize((WIDTH, HEIGHT), Image.NEAREST)
     ours = generate(model, PROMPTS, NEGATIVE, steps=STEPS, guidance=7.5, sampler=sampler, seed=3,
-                    init_image=from_pil(picture, WIDTH, HEIGHT), strength=strength, progress=False)
+                    init_image=from_pil(picture, WIDTH, HEIGHT), strength=strength, progress=False).images
     theirs = reference(components, sampler, img2img=True)(
         PROMPTS, image=picture, strength=strength, negative_prompt=[NEGATIVE] * 2, num_inference_steps=STEPS,
         guidance_scale=7.5, generator=generators(3, 2), output_type="pt").images
@@ -104,9 +96,9 @@ def test_same_seed_same_image_and_batches_split_by_seed(written):
     paths, _ = written
     model = load_checkpoint(paths["single file"])
     kwargs = dict(steps=4, guidance=7.5, sampler="euler_a", height=HEIGHT, width=WIDTH, progress=False)
-    batch = generate(model, PROMPTS[:1] * 2, seed=100, **kwargs)
-    again = generate(model, PROMPTS[:1] * 2, seed=100, **kwargs)
-    single = generate(model, PROMPTS[:1], seed=101, **kwargs)
+    batch = generate(model, PROMPTS[:1] * 2, seed=100, **kwargs).images
+    again = generate(model, PROMPTS[:1] * 2, seed=100, **kwargs).images
+    single = generate(model, PROMPTS[:1], seed=101, **kwargs).images
     assert torch.equal(batch, again)
     assert torch.allclose(batch[1], single[0], atol=1e-5)  # batched matmuls may round differently
     assert not torch.allclose(batch[0], batch[1], atol=1e-3)

@@ -5,7 +5,7 @@ import torch
 
 from small_models import VAE_SMALL, randomize
 from sd_scratch.unet import UNet, UNetConfig
-from sd_scratch.vae import VAE, ramp, store_channels_last, tile_starts
+from sd_scratch.vae import VAE, decode_tiled, ramp, store_channels_last, tile_starts
 
 UNET = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
                   num_heads=4, context_dim=48, norm_groups=8)
@@ -84,7 +84,7 @@ def test_tiles_are_blended_exactly_where_the_decoder_is_local():
     vae.decode = local_decode
     z = torch.randn(2, 4, 41, 30, generator=torch.Generator().manual_seed(1))
     for tile, overlap in [(16, 4), (16, 8), (12, 0), (20, 3)]:
-        assert torch.allclose(vae.decode_tiled(z, tile, overlap), local_decode(z), atol=1e-6)
+        assert torch.allclose(decode_tiled(vae, z, tile, overlap), local_decode(z), atol=1e-6)
 
 
 @torch.no_grad()
@@ -92,7 +92,7 @@ def test_tiled_decode_is_close_to_untiled_without_seams():
     vae = randomize(VAE(VAE_SMALL), seed=0)
     z = torch.randn(1, 4, 56, 48, generator=torch.Generator().manual_seed(2))  # 3 x 3 tiles, non-square
     untiled = vae.decode(z)
-    tiled = vae.decode_tiled(z, tile=24, overlap=8)
+    tiled = decode_tiled(vae, z, tile=24, overlap=8)
     assert tiled.shape == untiled.shape == (1, 3, 448, 384)
     error = (tiled - untiled).abs()
     # Tiles differ from the whole: near its edges a tile's convolutions see zero padding, and the middle
@@ -102,7 +102,7 @@ def test_tiled_decode_is_close_to_untiled_without_seams():
     assert error.mean() <= 0.12 * untiled.std()
     # No seams: the error changes from row to row about as smoothly at the tile boundaries as elsewhere.
     # The same tiles put side by side without cross-fading (ramp width 0, overlaps averaged) show seams.
-    blended, hard = seam_score(tiled, untiled), seam_score(vae.decode_tiled(z, tile=24, overlap=0), untiled)
+    blended, hard = seam_score(tiled, untiled), seam_score(decode_tiled(vae, z, tile=24, overlap=0), untiled)
     assert blended <= 2.5
     assert hard > 2 * blended
 
@@ -111,12 +111,12 @@ def test_tiled_decode_is_close_to_untiled_without_seams():
 def test_tiled_decode_of_a_single_tile_is_the_plain_decode():
     vae = randomize(VAE(VAE_SMALL), seed=0)
     z = torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(3))
-    assert torch.allclose(vae.decode_tiled(z, tile=16, overlap=4), vae.decode(z), atol=1e-6)
+    assert torch.allclose(decode_tiled(vae, z, tile=16, overlap=4), vae.decode(z), atol=1e-6)
 
 
 def test_tiled_decode_refuses_an_overlap_over_half_a_tile():
     with pytest.raises(ValueError, match="overlap"):
-        VAE(VAE_SMALL).decode_tiled(torch.zeros(1, 4, 32, 32), tile=16, overlap=9)
+        decode_tiled(VAE(VAE_SMALL), torch.zeros(1, 4, 32, 32), tile=16, overlap=9)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ def test_tiled_decode_refuses_an_overlap_over_half_a_tile():
 @pytest.fixture(scope="module")
 def small_checkpoint(tmp_path_factory):
     from small_models import small_sd
-    from sd_scratch.checkpoint import save_checkpoint
+    from sd_scratch.loading import save_checkpoint
 
     path = tmp_path_factory.mktemp("ckpt") / "small_sd.safetensors"
     save_checkpoint(path, *small_sd(1, seed=7), image_size=64)
@@ -134,20 +134,21 @@ def small_checkpoint(tmp_path_factory):
 
 
 def test_generate_with_slices_and_tiles_gives_the_same_images(small_checkpoint):
-    from sd_scratch.checkpoint import load_checkpoint
-    from sd_scratch.sample import generate
+    from sd_scratch.loading import load_checkpoint
+    from sd_scratch.sample import SpeedAndMemory, generate
 
     model = load_checkpoint(small_checkpoint)
     settings = dict(steps=3, seed=5, height=48, width=64, progress=False)
-    plain = generate(model, ["a red circle", "a blue square"], **settings)
+    plain = generate(model, ["a red circle", "a blue square"], **settings).images
     # 6 x 8 latents fit in one tile: the tiled decode is the plain one here (see the tests above for more tiles).
-    options = generate(model, ["a red circle", "a blue square"], attention_slices=3, tiled_decode=True, **settings)
-    assert (options - plain).abs().max() <= 1e-5
-    assert torch.equal(generate(model, ["a red circle", "a blue square"], **settings), plain)  # slicing off again
+    options = generate(model, ["a red circle", "a blue square"], speed=SpeedAndMemory(attention_slices=3,
+                                                                                       tiled_decode=True), **settings)
+    assert (options.images - plain).abs().max() <= 1e-5
+    assert torch.equal(generate(model, ["a red circle", "a blue square"], **settings).images, plain)  # slicing off
 
 
 def test_command_line_takes_the_options(small_checkpoint, tmp_path):
-    from sd_scratch.sample import main
+    from sd_scratch.cli import main
 
     assert main(["--checkpoint", str(small_checkpoint), "--steps", "2", "--height", "32", "--width", "32",
                  "--attention-slices", "2", "--tiled-decode", "--outdir", str(tmp_path)]) == 0
@@ -157,13 +158,13 @@ def test_command_line_takes_the_options(small_checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_compiled_unet_gives_the_same_images(small_checkpoint):
-    from sd_scratch.checkpoint import load_checkpoint
-    from sd_scratch.sample import generate
+    from sd_scratch.loading import load_checkpoint
+    from sd_scratch.sample import SpeedAndMemory, generate
 
     model = load_checkpoint(small_checkpoint)
     settings = dict(steps=2, seed=5, height=32, width=32, progress=False)
-    plain = generate(model, "a red circle", **settings)
-    compiled = generate(model, "a red circle", compile_unet=True, **settings)
+    plain = generate(model, "a red circle", **settings).images
+    compiled = generate(model, "a red circle", speed=SpeedAndMemory(compile_unet=True), **settings).images
     assert (compiled - plain).abs().max() <= 1e-4
 
 

@@ -10,13 +10,9 @@ import torch
 from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from sd_scratch.text_encoder import (
-    SD1_TEXT_ENCODER,
-    TextEncoder,
-    TextEncoderConfig,
-    infer_text_encoder_config,
-    openclip_to_clip_keys,
-)
+from sd_scratch.loading.configs import infer_text_encoder_config
+from sd_scratch.loading.single_file import openclip_to_clip_keys
+from sd_scratch.text_encoder import SD1_TEXT_ENCODER, TextEncoder, TextEncoderConfig
 from sd_scratch.tokenizer import PAD_ZERO, Tokenizer
 
 SMALL = TextEncoderConfig(width=128, layers=3, heads=2, mlp_width=512)  # heads of 64 channels, as in SD

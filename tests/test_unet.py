@@ -1,9 +1,8 @@
 import pytest
 import torch
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from sd_scratch.unet import UNet, UNetConfig
-from reference_unet import diffusers_unet, diffusers_unet_config
+from twins import unet_twin
 
 SMALL_SD1 = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(0, 1),
                        num_heads=4, context_dim=48, norm_groups=8)
@@ -19,13 +18,7 @@ def random_unet(config: UNetConfig, seed: int = 0) -> UNet:
 
 def as_diffusers(unet: UNet, sample_size=16):
     """Our weights -> the original file's keys -> diffusers' own converter -> a strictly loaded diffusers UNet."""
-    config = diffusers_unet_config(unet.config, sample_size)
-    original = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
-    converted = convert_ldm_unet_checkpoint(original, config)
-    reference = diffusers_unet(unet.config, sample_size).eval()
-    reference.load_state_dict(converted, strict=True)
-    assert len(converted) == len(original), "diffusers' converter left some of our tensors unused"
-    return reference
+    return unet_twin({"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}, unet.config, sample_size)
 
 
 @pytest.mark.parametrize("config", [SMALL_SD1, SMALL_SD2], ids=["sd1-layout", "sd2-layout"])

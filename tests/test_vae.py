@@ -12,10 +12,11 @@ import dataclasses
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-from sd_scratch.vae import VAE, VAEConfig, infer_vae_config
-from small_models import diffusers_vae_config, randomize, vae_reference
+from sd_scratch.loading.configs import infer_vae_config
+from sd_scratch.vae import VAE, VAEConfig
+from small_models import randomize
+from twins import vae_twin
 
 SMALL = VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=2, norm_groups=8)
 # Three levels with the same width at the two deepest: a decoder that ran up.{i} in the wrong order
@@ -24,17 +25,9 @@ SMALL_3_LEVELS = VAEConfig(base_channels=16, channel_mult=(1, 2, 2), num_res_blo
 
 
 def to_diffusers(ours: VAE) -> AutoencoderKL:
-    """diffusers' AutoencoderKL carrying our weights, mapped by diffusers' own single-file converter."""
-    config = diffusers_vae_config(ours.config)
-    ours_state = ours.state_dict()
-    converted = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in ours_state.items()}, config)
-    # Every one of our tensors is used exactly once (the attention weights come back as views of ours).
-    assert len(converted) == len(ours_state)
-    assert {t.data_ptr() for t in converted.values()} == {t.data_ptr() for t in ours_state.values()}
-    reference = vae_reference(ours.config)
-    assert set(converted) == set(reference.state_dict())  # ... and every diffusers parameter is filled
-    reference.load_state_dict(converted, strict=True)
-    return reference
+    """diffusers' AutoencoderKL carrying our weights, mapped by diffusers' own single-file converter
+    (which must use every one of our tensors once and fill every one of its parameters)."""
+    return vae_twin({"first_stage_model." + k: v for k, v in ours.state_dict().items()}, ours.config)
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:

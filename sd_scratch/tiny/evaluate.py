@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sd_scratch.checkpoint import load_checkpoint
+from sd_scratch.loading import load_checkpoint
 from sd_scratch.sample import generate
 from sd_scratch.samplers import SAMPLER_NAMES
 from sd_scratch.tiny.dataset import (COLOURS, IMAGE_SIZE, SHAPES, Scene, caption, palette_tensor, random_scenes,
@@ -169,13 +169,13 @@ def evaluate(model, samplers, guidances, prompts, steps: int = 25, batch_size: i
             for first in range(0, len(prompts), batch_size):
                 batch = [caption(*triple) for triple in prompts[first:first + batch_size]]
                 images.append(generate(model, batch, steps=steps, guidance=guidance, sampler=sampler,
-                                       seed=FIRST_SEED + first, progress=False))
+                                       seed=FIRST_SEED + first, progress=False).images)
             yield sampler, guidance, score(torch.cat(images), prompts), time.perf_counter() - start
 
 
 def empty_prompt_readings(model, count: int = 16, steps: int = 25, guidance: float = 7.5) -> list[Reading]:
     """What the empty prompt draws at `count` seeds: it should be any shape in any colours."""
-    images = generate(model, [""] * count, steps=steps, guidance=guidance, seed=FIRST_SEED, progress=False)
+    images = generate(model, [""] * count, steps=steps, guidance=guidance, seed=FIRST_SEED, progress=False).images
     return [read_image(image) for image in images]
 
 
@@ -202,7 +202,7 @@ def image_to_image_score(model, count: int = 8, strength: float = 0.5, steps: in
     """Start from a picture of a red square and ask for a blue square on a yellow background."""
     start = render([IMG2IMG_START_SCENE])
     images = generate(model, [caption(*IMG2IMG_PROMPT)] * count, steps=steps, guidance=guidance,
-                      sampler=sampler, seed=FIRST_SEED, init_image=start, strength=strength, progress=False)
+                      sampler=sampler, seed=FIRST_SEED, init_image=start, strength=strength, progress=False).images
     return judge_image_to_image((start[0] + 1) / 2, images)
 
 

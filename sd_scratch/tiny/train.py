@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sd_scratch.checkpoint import save_checkpoint
+from sd_scratch.loading import save_checkpoint
 from sd_scratch.schedule import alphas_cumprod
 from sd_scratch.text_encoder import TextEncoder, TextEncoderConfig
 from sd_scratch.tiny.dataset import IMAGE_SIZE, make_dataset

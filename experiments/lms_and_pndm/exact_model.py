@@ -1,7 +1,7 @@
 """Would a perfect model pass? Guided sampling with the exact denoiser of the tiny model's kind of data.
 
-    python -m sd_scratch.tiny.exact_model                    # every sampler, guidance 1, 3 and 7.5
-    python -m sd_scratch.tiny.exact_model --shades 0.12 --sides 7 --places 1 --guidance 7.5
+    python -m experiments.lms_and_pndm.exact_model                    # every sampler, guidance 1, 3 and 7.5
+    python -m experiments.lms_and_pndm.exact_model --shades 0.12 --sides 7 --places 1 --guidance 7.5
 
 A network trained to convergence on a finite set of clean latents x_1 .. x_N, all equally likely,
 computes the least-squares estimate of x_0 from x = x_0 + sigma * noise, which is the posterior mean
@@ -31,8 +31,9 @@ import itertools
 import torch
 
 from sd_scratch import samplers
-from sd_scratch.checkpoint import CheckpointError, load_checkpoint
+from sd_scratch.loading import CheckpointError, load_checkpoint
 from sd_scratch.sample import classifier_free_guidance, initial_noise
+from sd_scratch.schedule import SPACINGS, alpha_and_noise_level
 from sd_scratch.tiny.dataset import COLOURS, palette_tensor
 from sd_scratch.tiny.evaluate import FIRST_SEED, rgb_latents
 
@@ -99,7 +100,7 @@ def exact_noise_prediction(model_input: torch.Tensor, alpha_bar: float, latents:
 def input_alpha_bar(plan: samplers.Plan, i: int) -> float:
     """alpha_bar of what the UNet sees at call i: from the plan's sigma where it has one, else from t."""
     if plan.sigmas is not None:
-        alpha, _ = samplers.alpha_and_noise_level(float(plan.sigmas[i]))  # alpha = sqrt(alpha_bar)
+        alpha, _ = alpha_and_noise_level(float(plan.sigmas[i]))  # alpha = sqrt(alpha_bar)
         return alpha**2
     return float(plan.alphas_cumprod[int(plan.timesteps[i])])
 
@@ -111,7 +112,7 @@ def sample_exact(sampler: str, guidance: float, latents: torch.Tensor, captions:
     """sample.py's loop with the exact denoisers in the UNet's place; returns the final latents (B, C, H, W)."""
     plan = samplers.make_plan(sampler, steps, spacing=spacing, karras=karras, prediction_type="epsilon")
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]  # as sample.py: one per sample
-    x = initial_noise(generators, latents.shape[1:], "cpu", torch.float32).to(latents.dtype) * plan.init_noise_sigma
+    x = initial_noise(generators, latents.shape[1:], "cpu").to(latents.dtype) * plan.init_noise_sigma
     prompt_only = captions[None, :] == asked[:, None]  # the conditioned prior: the asked caption's latents
     everything = torch.ones_like(prompt_only)  # the unconditional prior: the empty prompt's
     state = samplers.initial_state(plan)
@@ -148,13 +149,13 @@ def asked_captions(count: int, colours: int = len(COLOURS), seed: int = 0) -> to
 
 
 def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(prog="python -m sd_scratch.tiny.exact_model", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.lms_and_pndm.exact_model", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="whose VAE gives the colours (default: the tiny model)")
     parser.add_argument("--samplers", nargs="+", default=list(samplers.SAMPLER_NAMES), choices=samplers.SAMPLER_NAMES)
     parser.add_argument("--guidance", nargs="+", type=float, default=[1.0, 3.0, 7.5])
     parser.add_argument("--count", type=int, default=96, help="samples per sampler and guidance")
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--spacing", default="leading", choices=["leading", "linspace", "trailing"])
+    parser.add_argument("--spacing", default="leading", choices=list(SPACINGS))
     parser.add_argument("--karras", action="store_true", help="Karras sigmas (the sigma-view samplers and dpmpp_2m)")
     parser.add_argument("--sides", nargs="+", type=int, default=[5, 7, 9], help="square sides, in latent cells")
     parser.add_argument("--places", type=int, default=3, help="positions per axis")

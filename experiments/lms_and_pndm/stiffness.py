@@ -1,7 +1,7 @@
-"""How stiff is guided sampling? The measurement behind weights/LMS_AND_PNDM.md.
+"""How stiff is guided sampling? The measurement behind experiments/lms_and_pndm/README.md.
 
-    python -m sd_scratch.tiny.stiffness                      # 32 prompts along Euler's path, guidance 7.5
-    python -m sd_scratch.tiny.stiffness --guidance 3 --count 8
+    python -m experiments.lms_and_pndm.stiffness                      # 32 prompts along Euler's path, guidance 7.5
+    python -m experiments.lms_and_pndm.stiffness --guidance 3 --count 8
 
 The sigma-view samplers integrate dx/dsigma = (x - D(x)) / sigma, where D is the guided clean-image
 estimate D = D_u + w (D_c - D_u). How fast that slope changes with x is set by D's Jacobian J: along
@@ -28,8 +28,9 @@ from collections.abc import Callable
 import torch
 
 from sd_scratch import samplers
-from sd_scratch.checkpoint import load_checkpoint
-from sd_scratch.sample import classifier_free_guidance, encode_prompts, initial_noise
+from sd_scratch.loading import load_checkpoint
+from sd_scratch.conditioning import encode_prompts, guidance_batch
+from sd_scratch.sample import classifier_free_guidance, initial_noise, latent_shape
 from sd_scratch.tiny.dataset import COLOURS, caption
 from sd_scratch.tiny.evaluate import FIRST_SEED, colour_latents, evaluation_prompts
 
@@ -74,20 +75,19 @@ def slopes_along_dominant_direction(estimates: Callable[[torch.Tensor], tuple[to
 def measure(model, prompts: list[str], guidance: float = 7.5, steps: int = 25, every: int = 3,
             iterations: int = 8, relative_epsilon: float = 1e-2) -> list[dict]:
     """Walk Euler's guided path from the evaluation's seeds; every `every` steps, measure the slopes."""
-    plan = samplers.make_plan("euler", steps, prediction_type=model.prediction_type)
-    cond_context = encode_prompts(model, prompts, model.skip_last_layers)
-    uncond_context = encode_prompts(model, [""] * len(prompts), model.skip_last_layers)
-    factor = model.vae.config.downsampling_factor
-    shape = (model.unet.config.in_channels, model.image_size // factor, model.image_size // factor)
+    plan = samplers.make_plan("euler", steps, prediction_type=model.prediction_type, schedule=model.schedule)
+    prompted, unprompted = encode_prompts(model, prompts), encode_prompts(model, [""] * len(prompts))
+    both = guidance_batch(unprompted, prompted)
     generators = [torch.Generator().manual_seed(FIRST_SEED + k) for k in range(len(prompts))]
-    x = initial_noise(generators, shape, cond_context.device, torch.float32) * plan.init_noise_sigma
+    shape = latent_shape(model, model.image_size, model.image_size)
+    x = initial_noise(generators, shape, model.device) * plan.init_noise_sigma
     state, rows = samplers.initial_state(plan), []
     for i, t in enumerate(plan.timesteps):
         sigma, sigma_next = float(plan.sigmas[i]), float(plan.sigmas[i + 1])
 
         def estimates(latents, i=i, t=t):
             scaled = samplers.scale_model_input(plan, i, latents)
-            eps_uncond, eps_cond = model.unet(scaled, t, uncond_context), model.unet(scaled, t, cond_context)
+            eps_uncond, eps_cond = model.unet(scaled, t, unprompted.context), model.unet(scaled, t, prompted.context)
             return tuple(samplers.predicted_x0(plan, i, latents, eps) for eps in (eps_uncond, eps_cond))
 
         if i % every == 0 and sigma_next > 0:
@@ -98,7 +98,7 @@ def measure(model, prompts: list[str], guidance: float = 7.5, steps: int = 25, e
                              uncond=uncond.median().item(), cond=cond.median().item(),
                              step_times_stiffness=(step_over_sigma * (1 - guided)).median().item()))
         eps_uncond, eps_cond = model.unet(torch.cat([samplers.scale_model_input(plan, i, x)] * 2), t,
-                                          torch.cat([uncond_context, cond_context])).chunk(2)
+                                          both.context).chunk(2)
         x, state = samplers.step(plan, i, x, classifier_free_guidance(eps_uncond, eps_cond, guidance), state)
     return rows
 

@@ -1,4 +1,4 @@
-"""The exact denoiser of sd_scratch/tiny/exact_model.py, and what sampling it shows about LMS and PNDM."""
+"""The exact denoiser of experiments/lms_and_pndm/exact_model.py, and what sampling it shows about LMS and PNDM."""
 
 import itertools
 
@@ -6,11 +6,12 @@ import pytest
 import torch
 from reference_pipeline import reference_scheduler
 
+from experiments.lms_and_pndm.exact_model import (asked_captions, exact_denoiser, exact_noise_prediction,
+                                                  finite_dataset, main, right_fraction, sample_exact, shaded_colours,
+                                                  square_layouts)
 from sd_scratch import samplers
-from sd_scratch.checkpoint import load_checkpoint
+from sd_scratch.loading import load_checkpoint
 from sd_scratch.sample import classifier_free_guidance
-from sd_scratch.tiny.exact_model import (asked_captions, exact_denoiser, exact_noise_prediction, finite_dataset, main,
-                                         right_fraction, sample_exact, shaded_colours, square_layouts)
 
 
 def test_exact_denoiser_of_two_points_is_a_tanh():
@@ -78,7 +79,7 @@ def test_an_exact_model_draws_every_asked_pair_at_low_guidance_with_every_sample
 
 
 def test_an_exact_model_breaks_lms_and_pndm_at_guidance_7_5_as_diffusers_does(exact_set):
-    """weights/LMS_AND_PNDM.md: the four-step samplers fail at 7.5 even with no network in the loop."""
+    """experiments/lms_and_pndm/README.md: the four-step samplers fail at 7.5 even with no network in the loop."""
     latents, captions, asked, seeds = exact_set
     for sampler in ("euler", "heun", "ddim", "dpmpp_2m"):
         assert right_fraction(sample_exact(sampler, 7.5, latents, captions, asked, seeds), latents, captions,

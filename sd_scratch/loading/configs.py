@@ -1,0 +1,104 @@
+"""Reading a network's config off the shapes of its tensors, so that no YAML file is needed.
+
+Each function takes the tensors of one network under our key names (an original single file's keys
+without the network's prefix; a diffusers folder's keys once renamed) and returns its config. Only
+shapes are read: `meta_tensors` gives shape-only stand-ins, so nothing is loaded to infer a config.
+What no shape tells is named in each docstring, with where it comes from instead.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from sd_scratch.text_encoder import TextEncoderConfig
+from sd_scratch.unet import UNetConfig
+from sd_scratch.vae import VAEConfig
+
+
+def meta_tensors(keys_to_shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """key -> a shape-only stand-in (on the meta device), whose `.shape` and `.ndim` the functions read."""
+    return {key: torch.empty(shape, device="meta") for key, shape in keys_to_shapes.items()}
+
+
+def infer_unet_config(state: dict[str, torch.Tensor]) -> UNetConfig:
+    """The UNet's config from its tensors (keys without `model.diffusion_model.`).
+
+    What no shape tells: the number of attention heads (below) and the group-norm groups (32 in SD).
+    """
+    conv_in = state["input_blocks.0.0.weight"]
+    model_channels = conv_in.shape[0]
+    n_input_blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("input_blocks."))
+    channel_mult, attention_levels, res_per_level = [], [], 0
+    level_blocks = 0
+    for i in range(1, n_input_blocks):
+        if f"input_blocks.{i}.0.op.weight" in state:  # a downsample closes the level
+            res_per_level, level_blocks = level_blocks, 0
+            continue
+        if level_blocks == 0:
+            channel_mult.append(state[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] // model_channels)
+            if f"input_blocks.{i}.1.proj_in.weight" in state:
+                attention_levels.append(len(channel_mult) - 1)
+        level_blocks += 1
+    res_per_level = res_per_level or level_blocks
+    context_dim = state["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    depth = len({k.split(".")[3] for k in state if k.startswith("middle_block.1.transformer_blocks.")})
+    # The number of heads is not visible in the weights. SD 1.x uses 8 heads everywhere; SD 2.x
+    # (1024-wide OpenCLIP context) uses heads of 64 channels.
+    heads = dict(num_heads=None, head_dim=64) if context_dim == 1024 else dict(num_heads=8, head_dim=None)
+    return UNetConfig(
+        in_channels=conv_in.shape[1],
+        out_channels=state["out.2.weight"].shape[0],
+        model_channels=model_channels,
+        channel_mult=tuple(channel_mult),
+        num_res_blocks=res_per_level,
+        attention_levels=tuple(attention_levels),
+        context_dim=context_dim,
+        transformer_depth=depth,
+        use_linear_projection=state["middle_block.1.proj_in.weight"].ndim == 2,
+        **heads,
+    )
+
+
+def infer_vae_config(state: dict[str, torch.Tensor]) -> VAEConfig:
+    """The VAE's config from its tensors (keys without `first_stage_model.`).
+
+    What no shape tells keeps its default: the group-norm groups and epsilon (32 and 1e-6 in every
+    SD model) and the scaling factor (0.18215; a diffusers folder's vae/config.json may name another,
+    and SDXL's VAE has the SD layout but wants 0.13025).
+    """
+    conv_in = state["encoder.conv_in.weight"]  # (base_channels, in_channels, 3, 3)
+    base_channels = conv_in.shape[0]
+    levels = {int(m.group(1)) for key in state if (m := re.match(r"encoder\.down\.(\d+)\.", key))}
+    blocks = {int(m.group(1)) for key in state if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", key))}
+    # The first block of each level sets the level's width: conv1 is (width, previous width, 3, 3).
+    channel_mult = tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // base_channels
+                         for i in range(len(levels)))
+    return VAEConfig(
+        in_channels=conv_in.shape[1],
+        out_channels=state["decoder.conv_out.weight"].shape[0],
+        latent_channels=state["post_quant_conv.weight"].shape[0],
+        base_channels=base_channels,
+        channel_mult=channel_mult,
+        num_res_blocks=len(blocks),
+    )
+
+
+def infer_text_encoder_config(state: dict[str, torch.Tensor], activation: str) -> TextEncoderConfig:
+    """The text encoder's config from its tensors (our key names, `text_model.*`).
+
+    What no shape tells: the activation, which the layout tells (OpenAI CLIP: "quick_gelu", OpenCLIP:
+    "gelu"), and the heads, which are 64 channels wide in both.
+    """
+    vocab_size, width = state["text_model.embeddings.token_embedding.weight"].shape
+    layers = {key.split(".")[3] for key in state if key.startswith("text_model.encoder.layers.")}
+    return TextEncoderConfig(
+        vocab_size=vocab_size,
+        max_positions=state["text_model.embeddings.position_embedding.weight"].shape[0],
+        width=width,
+        layers=len(layers),
+        heads=width // 64,  # both CLIP ViT-L and OpenCLIP ViT-H use heads of 64 channels
+        mlp_width=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        activation=activation,
+    )

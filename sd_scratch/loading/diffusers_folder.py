@@ -1,0 +1,221 @@
+"""The diffusers folder layout (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
+
+Its UNet and VAE name their layers differently from the original file (`down_blocks.1.resnets.0.conv1`
+for `input_blocks.4.0.in_layers.2`); the tables below rename every key to the original's, built
+from a few loops over the block indices. The text encoder is transformers' CLIP, whose names are
+ours. The configs are read off the renamed tensors as for a single file, with what the folder's
+JSON files say beside the weights: the number of attention heads, the VAE's scaling factor, the text
+encoder's activation, the image size, and the training noise schedule of `scheduler/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+from sd_scratch.loading.configs import infer_text_encoder_config, infer_unet_config, infer_vae_config, meta_tensors
+from sd_scratch.loading.model import CheckpointError, StableDiffusion
+from sd_scratch.loading.strict import build_empty, fill_strictly
+from sd_scratch.loading.tensor_file import TensorFile
+from sd_scratch.schedule import SD15_SCHEDULE, SPACINGS, ScheduleConfig
+from sd_scratch.text_encoder import TextEncoder
+from sd_scratch.tokenizer import WEIGHTS_DIR, Tokenizer
+from sd_scratch.unet import UNet
+from sd_scratch.vae import VAE
+
+
+def load_diffusers_folder(folder: Path, device, dtype, prediction_type: str | None) -> StableDiffusion:
+    for part in ("unet", "vae", "text_encoder"):
+        if not (folder / part).is_dir():
+            raise CheckpointError(f"{folder} is a folder but has no {part}/: give a diffusers model folder "
+                                  "(unet/, vae/, text_encoder/, tokenizer/) or a single checkpoint file")
+    source = str(folder)
+    unet_file = TensorFile(_weights_file(folder / "unet", "diffusion_pytorch_model"))
+    vae_file = TensorFile(_weights_file(folder / "vae", "diffusion_pytorch_model"))
+    text_file = TensorFile(_weights_file(folder / "text_encoder", "model"))
+    unet_json = _read_json(folder / "unet" / "config.json")
+    vae_json = _read_json(folder / "vae" / "config.json")
+    text_json = _read_json(folder / "text_encoder" / "config.json")
+    schedule, folder_prediction_type = read_scheduler_config(folder / "scheduler" / "scheduler_config.json")
+
+    k = unet_file.keys
+    levels = _count(k, r"down_blocks\.(\d+)\.")
+    unet_names = rename_keys(k, diffusers_unet_prefixes(
+        levels, _count(k, r"down_blocks\.0\.resnets\.(\d+)\."),
+        {i for i in range(levels) if any(key.startswith(f"down_blocks.{i}.attentions.") for key in k)},
+    ), {"resnets": UNET_RESNET_NAMES})
+    k = vae_file.keys
+    vae_names = rename_keys(k, diffusers_vae_prefixes(
+        _count(k, r"encoder\.down_blocks\.(\d+)\."), _count(k, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")
+    ), {"resnets": VAE_RESNET_NAMES, "attentions": VAE_ATTENTION_NAMES})
+    # transformers 4 saves CLIP under "text_model.", transformers 5 without it; ours keeps the original's level.
+    text_names = {("" if key.startswith("text_model.") else "text_model.") + key: key for key in text_file.keys
+                  if not key.endswith("position_ids")}
+
+    def shapes(file, names):
+        return meta_tensors({ours: file.shape(theirs) for ours, theirs in names.items()})
+
+    def loaders(file, names):  # our name -> a function reading their tensor, cast and moved
+        return {ours: (lambda theirs=theirs: file.get(theirs, device, dtype)) for ours, theirs in names.items()}
+
+    unet_config = infer_unet_config(shapes(unet_file, unet_names))
+    heads = unet_json.get("num_attention_heads") or unet_json.get("attention_head_dim")
+    if isinstance(heads, list) and len(set(heads)) > 1:  # SD 2.x: a fixed head width, so more heads per level
+        unet_config = dataclasses.replace(unet_config, num_heads=None, head_dim=unet_config.model_channels // heads[0])
+    elif heads:
+        heads = heads[0] if isinstance(heads, list) else heads
+        unet_config = dataclasses.replace(unet_config, num_heads=heads, head_dim=None)
+    vae_config = infer_vae_config(shapes(vae_file, vae_names))
+    if vae_json.get("scaling_factor"):
+        vae_config = dataclasses.replace(vae_config, scaling_factor=vae_json["scaling_factor"])
+    text_config = infer_text_encoder_config(shapes(text_file, text_names), text_json.get("hidden_act", "quick_gelu"))
+
+    kind = "SD 2.x" if unet_config.context_dim == 1024 else "SD 1.x"
+    if unet_config.in_channels == 9:
+        kind += " inpainting"
+    unet = fill_strictly(build_empty(UNet, unet_config), "UNet", loaders(unet_file, unet_names), device, dtype,
+                         source, kind)
+    vae = fill_strictly(build_empty(VAE, vae_config), "VAE", loaders(vae_file, vae_names), device, dtype, source, kind)
+    text_encoder = fill_strictly(build_empty(TextEncoder, text_config), "text encoder",
+                                 loaders(text_file, text_names), device, dtype, source, kind)
+
+    has_tokenizer = any((folder / "tokenizer" / name).exists() for name in ("vocab.json", "tokenizer.json"))
+    tokenizer = Tokenizer(folder / "tokenizer" if has_tokenizer else WEIGHTS_DIR)
+    tokenizer.pad_token_id = tokenizer.bpe.pad_token_id  # "<|endoftext|>" for SD 1.x, "!" (id 0) for SD 2.x
+    image_size = unet_json.get("sample_size", 64) * vae_config.downsampling_factor
+    return StableDiffusion(tokenizer, text_encoder, unet, vae, kind, prediction_type or folder_prediction_type, 0,
+                           image_size, source, schedule)
+
+
+# --------------------------------------------------------------------------------------------------
+# scheduler/scheduler_config.json: the noise schedule the model was trained with
+
+# What a scheduler config can say that would change the numbers, and that sd_scratch does not do.
+UNSUPPORTED_SCHEDULER_SETTINGS = {
+    "trained_betas": lambda value: value is not None,  # an explicit list of betas
+    "rescale_betas_zero_snr": lambda value: bool(value),  # Lin et al. 2023's zero terminal SNR
+    "thresholding": lambda value: bool(value),  # dynamic thresholding of x0 (Imagen)
+}
+
+
+def read_scheduler_config(path: Path) -> tuple[ScheduleConfig, str]:
+    """The training schedule and prediction type a folder's scheduler config names.
+
+    Keys it leaves out keep SD 1.x/2.x's values (those of SD15_SCHEDULE, and epsilon): v1.5's own
+    file names no `timestep_spacing`, and the PNDM scheduler it was written for spaces "leading".
+    The scheduler class it names is not read: sd_scratch's sampler is chosen with --sampler. So is
+    `clip_sample`, which SD's configs set false and only diffusers' DDIM would apply.
+    """
+    config = _read_json(path)
+    for key, unsupported in UNSUPPORTED_SCHEDULER_SETTINGS.items():
+        if unsupported(config.get(key)):
+            raise CheckpointError(f"{path} sets {key} = {config[key]!r}, which sd_scratch does not implement")
+    default = SD15_SCHEDULE
+    schedule = ScheduleConfig(
+        num_train_timesteps=config.get("num_train_timesteps", default.num_train_timesteps),
+        beta_start=config.get("beta_start", default.beta_start),
+        beta_end=config.get("beta_end", default.beta_end),
+        beta_schedule=config.get("beta_schedule", default.beta_schedule),
+        steps_offset=config.get("steps_offset", default.steps_offset),
+        set_alpha_to_one=config.get("set_alpha_to_one", default.set_alpha_to_one),
+        timestep_spacing=config.get("timestep_spacing", default.timestep_spacing),
+    )
+    prediction_type = config.get("prediction_type", "epsilon")
+    known = {"beta_schedule": ("scaled_linear", "linear"), "timestep_spacing": SPACINGS,
+             "prediction_type": ("epsilon", "v_prediction")}
+    for key, values in known.items():
+        value = prediction_type if key == "prediction_type" else getattr(schedule, key)
+        if value not in values:
+            raise CheckpointError(f"{path} names {key} {value!r}; sd_scratch knows {', '.join(values)}")
+    return schedule, prediction_type
+
+
+# --------------------------------------------------------------------------------------------------
+# Renaming diffusers' UNet and VAE keys to the original ones
+
+# Inside a residual block the two layouts name the same layers differently.
+UNET_RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                     "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+VAE_RESNET_NAMES = {"conv_shortcut": "nin_shortcut"}
+VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+                       "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}  # old and new diffusers names
+
+
+def diffusers_unet_prefixes(levels: int, per_level: int, attention_levels: set[int]) -> dict[str, str]:
+    """diffusers prefix -> original prefix for every block of the UNet.
+
+    The original numbers blocks in one running sequence: input block 0 is conv_in, then each level has
+    `per_level` residual(+transformer) blocks and, but for the last level, one downsample block.
+    diffusers' up_blocks[i] is the original's level (levels - 1 - i), walked in the same order.
+    """
+    table = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
+             "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
+             "mid_block.resnets.0.": "middle_block.0.", "mid_block.attentions.0.": "middle_block.1.",
+             "mid_block.resnets.1.": "middle_block.2."}
+    for level in range(levels):
+        for j in range(per_level):
+            block = 1 + level * (per_level + 1) + j
+            table[f"down_blocks.{level}.resnets.{j}."] = f"input_blocks.{block}.0."
+            table[f"down_blocks.{level}.attentions.{j}."] = f"input_blocks.{block}.1."
+        for j in range(per_level + 1):
+            block = level * (per_level + 1) + j
+            table[f"up_blocks.{level}.resnets.{j}."] = f"output_blocks.{block}.0."
+            table[f"up_blocks.{level}.attentions.{j}."] = f"output_blocks.{block}.1."
+        if level < levels - 1:
+            table[f"down_blocks.{level}.downsamplers.0.conv."] = f"input_blocks.{(level + 1) * (per_level + 1)}.0.op."
+            upsample_index = 2 if (levels - 1 - level) in attention_levels else 1  # after the transformer, if any
+            last_block = level * (per_level + 1) + per_level
+            table[f"up_blocks.{level}.upsamplers.0.conv."] = f"output_blocks.{last_block}.{upsample_index}.conv."
+    return table
+
+
+def diffusers_vae_prefixes(levels: int, per_level: int) -> dict[str, str]:
+    """diffusers prefix -> original prefix for every block of the VAE (the decoder's levels are numbered in reverse)."""
+    table = {"encoder.conv_norm_out.": "encoder.norm_out.", "decoder.conv_norm_out.": "decoder.norm_out."}
+    for side in ("encoder", "decoder"):
+        table[f"{side}.mid_block.resnets.0."] = f"{side}.mid.block_1."
+        table[f"{side}.mid_block.resnets.1."] = f"{side}.mid.block_2."
+        table[f"{side}.mid_block.attentions.0."] = f"{side}.mid.attn_1."
+    for level in range(levels):
+        up = levels - 1 - level
+        for j in range(per_level + 1):
+            table[f"encoder.down_blocks.{level}.resnets.{j}."] = f"encoder.down.{level}.block.{j}."
+            table[f"decoder.up_blocks.{level}.resnets.{j}."] = f"decoder.up.{up}.block.{j}."
+        table[f"encoder.down_blocks.{level}.downsamplers.0.conv."] = f"encoder.down.{level}.downsample.conv."
+        table[f"decoder.up_blocks.{level}.upsamplers.0.conv."] = f"decoder.up.{up}.upsample.conv."
+    return table
+
+
+def rename_keys(keys: list[str], prefixes: dict[str, str], inner_names: dict[str, dict[str, str]]) -> dict[str, str]:
+    """original key -> diffusers key. `inner_names` renames the layer inside a block, by the kind of block."""
+    renamed = {}
+    for key in keys:
+        prefix = max((p for p in prefixes if key.startswith(p)), key=len, default="")
+        rest = key[len(prefix):]
+        for block_kind, names in inner_names.items():
+            if block_kind in prefix:
+                layer = max((n for n in names if rest.startswith(n + ".")), key=len, default=None)
+                if layer:
+                    rest = names[layer] + rest[len(layer):]
+        renamed[prefixes.get(prefix, "") + rest] = key
+    return renamed
+
+
+def _count(keys, pattern: str) -> int:
+    return len({m.group(1) for k in keys if (m := re.match(pattern, k))})
+
+
+def _weights_file(folder: Path, stem: str) -> Path:
+    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin", f"{stem}.fp16.bin"):
+        if (folder / name).exists():
+            return folder / name
+    raise CheckpointError(f"{folder} holds no {stem}.safetensors (or .fp16.safetensors); the diffusers folder is incomplete")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}); download it again") from None

@@ -1,0 +1,43 @@
+"""What loading a checkpoint gives: the networks of one Stable Diffusion and the facts sampling needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sd_scratch.schedule import SD15_SCHEDULE, ScheduleConfig
+from sd_scratch.text_encoder import TextEncoder
+from sd_scratch.tokenizer import Tokenizer
+from sd_scratch.unet import UNet
+from sd_scratch.vae import VAE
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message says what was found and what to do."""
+
+
+@dataclass
+class StableDiffusion:
+    """Everything a checkpoint provides for sampling."""
+
+    tokenizer: Tokenizer
+    text_encoder: TextEncoder
+    unet: UNet
+    vae: VAE
+    kind: str  # "SD 1.x", "SD 1.x inpainting", "SD 2.x", ...
+    prediction_type: str  # "epsilon" or "v_prediction"
+    skip_last_layers: int  # text encoder layers to skip by default (SD 2.x: 1, the penultimate layer)
+    image_size: int  # the side the model was trained at: the default height and width
+    source: str
+    schedule: ScheduleConfig = SD15_SCHEDULE  # the training noise schedule (a diffusers folder may name another)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the denoising loop runs: the UNet's device."""
+        return self.unet.time_embed[0].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision the UNet (and so the loop's latents) computes in."""
+        return self.unet.time_embed[0].weight.dtype

@@ -1,0 +1,209 @@
+"""The original single-file layout (`v1-5-pruned-emaonly.safetensors`): read it, and write it.
+
+One flat dict of tensors, each network under its prefix:
+
+    model.diffusion_model.*                     the UNet
+    first_stage_model.*                         the VAE
+    cond_stage_model.transformer.text_model.*   the CLIP text encoder (SD 1.x)
+    cond_stage_model.model.*                    the OpenCLIP text encoder (SD 2.x)
+
+Our modules are built so that their state_dict keys *are* these keys without the prefix, so a single
+file loads with no renaming, except SD 2.x's OpenCLIP tower (fused q/k/v, other layer names), which
+`openclip_to_clip_keys` maps onto the CLIP layout. The configs are read off the tensors' shapes
+(`configs.py`), or taken from the file's safetensors metadata when sd_scratch wrote it
+(`save_checkpoint`, which the tiny model's training uses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from sd_scratch.loading.configs import infer_text_encoder_config, infer_unet_config, infer_vae_config, meta_tensors
+from sd_scratch.loading.model import CheckpointError, StableDiffusion
+from sd_scratch.loading.strict import build_empty, fill_strictly, list_keys
+from sd_scratch.loading.tensor_file import TensorFile
+from sd_scratch.text_encoder import TextEncoder, TextEncoderConfig
+from sd_scratch.tokenizer import PAD_EOS, PAD_ZERO, WEIGHTS_DIR, Tokenizer
+from sd_scratch.unet import UNet, UNetConfig
+from sd_scratch.vae import VAE, VAEConfig
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+OPENCLIP_PREFIX = "cond_stage_model.model."
+METADATA_KEY = "sd_scratch"  # safetensors metadata entry holding our configs as JSON
+
+# Tensors a single file carries that inference does not use, ignored on purpose (and only these).
+IGNORED_KEYS = re.compile(
+    r"^(model_ema\.|first_stage_model\.loss\.|"  # EMA copies (already folded in), the VAE's training loss
+    r"(betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod|"
+    r"log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod|posterior_variance|"
+    r"posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2|logvar)$|"  # training schedule buffers
+    # position_ids is a constant arange that some files store as float or with wrong values: we never read it
+    r"cond_stage_model\.transformer\.text_model\.embeddings\.position_ids$|"
+    r"cond_stage_model\.model\.(logit_scale|text_projection)$)"  # CLIP's contrastive head, unused by SD
+)
+
+
+def load_single_file(path: Path, device, dtype, prediction_type: str | None) -> StableDiffusion:
+    file = TensorFile(path)
+    keys = file.keys
+    kind = identify(keys, path)
+    is_openclip = kind == "SD 2.x"
+    leftover = sorted(k for k in keys if not k.startswith((UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX, OPENCLIP_PREFIX))
+                      and not IGNORED_KEYS.match(k))
+    if leftover:
+        raise CheckpointError(
+            f"{path}: {len(leftover)} tensors belong to no part of Stable Diffusion ({list_keys(leftover)}); "
+            "merge LoRAs or other add-ons into the checkpoint first"
+        )
+
+    stored = json.loads(file.metadata[METADATA_KEY]) if METADATA_KEY in file.metadata else None
+    if stored:
+        unet_config = UNetConfig(**_tuples(stored["unet"]))
+        vae_config = VAEConfig(**_tuples(stored["vae"]))
+        text_config = TextEncoderConfig(**_tuples(stored["text_encoder"]))
+    else:
+        shapes = meta_tensors({k: file.shape(k) for k in keys})
+        unet_config = infer_unet_config(_strip(shapes, UNET_PREFIX))
+        vae_config = infer_vae_config(_strip(shapes, VAE_PREFIX))
+        if is_openclip:
+            text_config = infer_text_encoder_config(openclip_to_clip_keys(_strip(shapes, OPENCLIP_PREFIX)), "gelu")
+        else:
+            text_config = infer_text_encoder_config(_strip(shapes, CLIP_PREFIX), "quick_gelu")
+    if unet_config.in_channels == 9:
+        kind += " inpainting"  # latents + mask + masked-image latents
+
+    def loaders(prefix):  # our name -> a function reading the tensor, cast and moved
+        return {key[len(prefix):]: (lambda key=key: file.get(key, device, dtype))
+                for key in keys if key.startswith(prefix) and not IGNORED_KEYS.match(key)}
+
+    if is_openclip:  # renamed; q, k and v cut from one tensor as views (fill_strictly casts and moves them)
+        openclip = {key[len(OPENCLIP_PREFIX):]: file.get(key) for key in keys
+                    if key.startswith(OPENCLIP_PREFIX) and not IGNORED_KEYS.match(key)}
+        text_tensors = {name: (lambda t=t: t) for name, t in openclip_to_clip_keys(openclip).items()}
+    else:
+        text_tensors = loaders(CLIP_PREFIX)
+    unet = fill_strictly(build_empty(UNet, unet_config), "UNet", loaders(UNET_PREFIX), device, dtype, str(path), kind)
+    vae = fill_strictly(build_empty(VAE, vae_config), "VAE", loaders(VAE_PREFIX), device, dtype, str(path), kind)
+    text_encoder = fill_strictly(build_empty(TextEncoder, text_config), "text encoder", text_tensors,
+                                 device, dtype, str(path), kind)
+
+    if stored:
+        prediction_type = prediction_type or stored.get("prediction_type", "epsilon")
+        skip_last_layers = stored.get("skip_last_layers", 0)
+        pad = stored.get("pad_token_id", PAD_EOS)
+        image_size = stored.get("image_size", 512)
+    else:
+        # SD 2.x single files do not say whether they are v-prediction (768-v) or epsilon (512-base);
+        # like diffusers, assume the 768-v model and let the user say otherwise.
+        prediction_type = prediction_type or ("v_prediction" if is_openclip else "epsilon")
+        skip_last_layers = 1 if is_openclip else 0  # SD 2.x conditions on OpenCLIP's penultimate layer
+        pad = PAD_ZERO if is_openclip else PAD_EOS
+        image_size = 768 if prediction_type == "v_prediction" else 512  # SD 2.x 768-v, every other SD: 512
+    return StableDiffusion(Tokenizer(WEIGHTS_DIR, pad_token_id=pad), text_encoder, unet, vae, kind,
+                           prediction_type, skip_last_layers, image_size, str(path))
+
+
+def identify(keys: list[str], path: Path) -> str:
+    """Name the kind of checkpoint from its keys, or explain what it seems to be instead."""
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    if has("conditioner.embedders."):
+        raise CheckpointError(f"{path} is an SDXL checkpoint; sd_scratch reads Stable Diffusion 1.x and 2.x")
+    if has(UNET_PREFIX) and has(VAE_PREFIX) and has(OPENCLIP_PREFIX):
+        return "SD 2.x"
+    if has(UNET_PREFIX) and has(VAE_PREFIX) and has(CLIP_PREFIX):
+        return "SD 1.x"
+    if has("down_blocks.") and has("conv_in."):
+        what = "a diffusers UNet or VAE file on its own"
+    elif has("text_model.") or has("encoder.layers."):
+        what = "a CLIP text encoder on its own"
+    elif has("encoder.down.") or has("decoder.up."):
+        what = "a VAE on its own"
+    elif any("lora" in k for k in keys):
+        what = "a LoRA, not a full model"
+    else:
+        what = f"an unknown model (keys like {list_keys(sorted(keys), 3)})"
+    raise CheckpointError(
+        f"{path} does not hold a full Stable Diffusion model: it looks like {what}; give a whole SD 1.x/2.x "
+        "checkpoint file or a diffusers folder"
+    )
+
+
+def _strip(tensors: dict, prefix: str) -> dict:
+    """The entries under `prefix`, without it, leaving out the ones ignored on purpose."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and not IGNORED_KEYS.match(k)}
+
+
+def _tuples(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# SD 2.x's OpenCLIP text tower, renamed onto our CLIP layout
+
+# OpenCLIP name fragment -> our name fragment. Applied in order to every key.
+OPENCLIP_RENAMES = [
+    ("token_embedding.", "embeddings.token_embedding."),
+    ("positional_embedding", "embeddings.position_embedding.weight"),  # a bare Parameter in OpenCLIP
+    ("transformer.resblocks.", "encoder.layers."),
+    (".ln_1.", ".layer_norm1."),
+    (".ln_2.", ".layer_norm2."),
+    (".attn.out_proj.", ".self_attn.out_proj."),
+    (".mlp.c_fc.", ".mlp.fc1."),
+    (".mlp.c_proj.", ".mlp.fc2."),
+    ("ln_final.", "final_layer_norm."),
+]
+# CLIP's contrastive head (the end token's projection into the image-text space, and the softmax
+# temperature). Stable Diffusion never uses them, so they are dropped.
+OPENCLIP_UNUSED = {"text_projection", "logit_scale"}
+
+
+def openclip_to_clip_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an OpenCLIP text tower (keys without `cond_stage_model.model.`) to our key names.
+
+    OpenCLIP's attention is torch's nn.MultiheadAttention, which stores q, k and v stacked in one
+    `in_proj_weight` of shape (3 * width, width) (and one `in_proj_bias`): we cut it in thirds.
+    `text_projection` and `logit_scale` are dropped. Keys we do not know pass through renamed as
+    far as the table goes, so a strict load names them.
+    """
+    ours = {}
+    for key, tensor in state_dict.items():
+        if key in OPENCLIP_UNUSED:
+            continue
+        name = key
+        for old, new in OPENCLIP_RENAMES:
+            name = name.replace(old, new)
+        if ".attn.in_proj_" in name:  # e.g. encoder.layers.3.attn.in_proj_weight
+            layer, kind = name.split(".attn.in_proj_")  # kind: "weight" or "bias"
+            for projection, third in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+                ours[f"text_model.{layer}.self_attn.{projection}.{kind}"] = third
+        else:
+            ours["text_model." + name] = tensor
+    return ours
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing a single file (the tiny model's training, and the tests)
+
+
+def save_checkpoint(path: str | Path, text_encoder: TextEncoder, unet: UNet, vae: VAE, *,
+                    prediction_type: str = "epsilon", skip_last_layers: int = 0, pad_token_id: int = PAD_EOS,
+                    image_size: int = 512) -> None:
+    """Write the three networks in the original single-file layout, their configs in the metadata."""
+    tensors = {}
+    for prefix, model in [(UNET_PREFIX, unet), (VAE_PREFIX, vae), (CLIP_PREFIX, text_encoder)]:
+        tensors.update({prefix + k: v.detach().contiguous() for k, v in model.state_dict().items()})
+    configs = {
+        "unet": dataclasses.asdict(unet.config), "vae": dataclasses.asdict(vae.config),
+        "text_encoder": dataclasses.asdict(text_encoder.config),
+        "prediction_type": prediction_type, "skip_last_layers": skip_last_layers, "pad_token_id": pad_token_id,
+        "image_size": image_size,
+    }
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(configs)})

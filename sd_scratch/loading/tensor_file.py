@@ -1,0 +1,169 @@
+"""Reading tensors from a checkpoint file, one at a time, and handing their memory back when done.
+
+Two kinds of file hold Stable Diffusion weights: `.safetensors` (a JSON header naming every tensor's
+dtype, shape and byte range, then the raw bytes) and the older PyTorch pickles (`.ckpt`), which are
+read with `torch.load(weights_only=True)` only, so that no code stored in them can run.
+
+A safetensors file is memory-mapped: each tensor is a view of the file's pages, read from disk when
+first touched, never copied when the model keeps the file's dtype. `release_weights` hands those
+pages back to the OS once a network has done its part of a run.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import sys
+import weakref
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sd_scratch.loading.model import CheckpointError
+
+# The element types a .safetensors header names, and the torch dtype of each.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class TensorFile:
+    """The tensors of one file, read one at a time so that the weights are never held twice.
+
+    A .safetensors file is simple enough to read by hand: 8 bytes (a little-endian integer N), N bytes
+    of JSON, {name: {"dtype": "F16", "shape": [320, 4, 3, 3], "data_offsets": [begin, end]}, ...,
+    "__metadata__": {...}}, then the raw bytes of every tensor, offsets counted from the end of the
+    JSON. The file is memory-mapped and each tensor is a view of its bytes. A pickle (.ckpt) is read safely.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.metadata: dict[str, str] = {}
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if path.suffix in (".ckpt", ".pt", ".pth", ".bin") or head[:2] == b"PK" or head[:1] == b"\x80":
+            self._pickle = self._read_pickle(path)
+            self.keys = list(self._pickle)
+            return
+        self._pickle = None
+        self._entries, self._data_start = self._read_header(path, head)
+        with open(path, "rb") as f:  # copy-on-write mapping: tensors viewing it are writable, the file is not
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        _MAPPINGS.add(self._map)
+        self.metadata = self._entries.pop("__metadata__", None) or {}
+        self.keys = list(self._entries)
+
+    @staticmethod
+    def _read_header(path: Path, head: bytes) -> tuple[dict, int]:
+        def unreadable(reason):
+            return CheckpointError(
+                f"{path} is not a readable safetensors file ({reason}); it may be truncated or of another "
+                f"format: download it again, or give a .safetensors / .ckpt Stable Diffusion checkpoint"
+            )
+
+        size = path.stat().st_size
+        header_length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= header_length <= size - 8:
+            raise unreadable("no header")
+        with open(path, "rb") as f:
+            f.seek(8)
+            try:
+                entries = json.loads(f.read(header_length))
+                tensors = {k: v for k, v in entries.items() if k != "__metadata__"}
+                data_end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+                unknown = {v["dtype"] for v in tensors.values()} - set(SAFETENSORS_DTYPES)
+            except (ValueError, UnicodeDecodeError, TypeError, KeyError, IndexError, AttributeError):
+                raise unreadable("its header is not safetensors JSON") from None
+        if unknown:
+            raise unreadable(f"unsupported element types {sorted(unknown)}")
+        if 8 + header_length + data_end > size:
+            raise unreadable(f"truncated: the header describes {8 + header_length + data_end} bytes, the file has {size}")
+        return entries, 8 + header_length
+
+    @staticmethod
+    def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+        # weights_only=True never runs code from the file: a pickle that needs more than tensors is refused.
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # noqa: BLE001 - any failure here means "not a tensor pickle we can trust"
+            reason = str(error).strip().splitlines()[0][:200]
+            raise CheckpointError(
+                f"{path} could not be read as a weights-only PyTorch pickle ({reason}); convert it to "
+                f".safetensors, or use the .safetensors release of the same model"
+            ) from None
+        if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+            data = data["state_dict"]
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} holds a {type(data).__name__}, not a dict of tensors")
+        return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if self._pickle is not None:
+            return tuple(self._pickle[key].shape)
+        return tuple(self._entries[key]["shape"])
+
+    def get(self, key: str, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor `key`, cast to `dtype` (floating-point tensors only) and moved to `device`.
+
+        A safetensors tensor starts as a view of the memory-mapped file: no copy, and the pages are
+        read from disk when first touched. When the cast or move makes a copy, the view's pages are
+        handed back to the kernel at once, so the file's bytes and the copy are not held together.
+        """
+        tensor = self._pickle[key] if self._pickle is not None else self._view(key)
+        target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        result = tensor.to(device=device or tensor.device, dtype=target_dtype)
+        if self._pickle is None and result.data_ptr() != tensor.data_ptr():
+            self._release(key)
+        return result
+
+    def _view(self, key: str) -> torch.Tensor:
+        entry = self._entries[key]
+        begin, end = entry["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        if end == begin:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                offset=self._data_start + begin).reshape(entry["shape"])
+
+    def _release(self, key: str) -> None:
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        begin, end = (self._data_start + offset for offset in self._entries[key]["data_offsets"])
+        first_page = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the tensor's bytes
+        last_page = end // mmap.PAGESIZE * mmap.PAGESIZE
+        if last_page > first_page:
+            self._map.madvise(mmap.MADV_DONTNEED, first_page, last_page - first_page)
+
+
+_MAPPINGS: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()  # mapped checkpoint files, while their weights live
+MADV_PAGEOUT = 21  # Linux >= 5.4; Python's mmap module does not always name it
+
+
+def release_weights(module: nn.Module) -> None:
+    """Let the OS reclaim the memory of `module`'s weights that are views of a checkpoint file.
+
+    A single-file checkpoint loaded on the CPU in its own dtype is not copied: its weights are the
+    file's pages, read into memory when first used. Once a network has done its part of a run (the
+    text encoder after the prompts, the UNet after the loop), `generate` calls this so that those
+    pages stop counting against the process while the next network works. Nothing is lost:
+    MADV_PAGEOUT drops a clean page of the file, to be read again from the file (or the OS's cache)
+    when the weight is next used; a page written since loading has no copy in the file and stays.
+    Copied weights (a cast, the GPU) are untouched. Linux only; elsewhere it does nothing.
+    """
+    if sys.platform != "linux":
+        return
+    starts = {mapping: torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr() for mapping in _MAPPINGS}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.device.type != "cpu":
+            continue
+        storage = tensor.untyped_storage()
+        for mapping, start in starts.items():
+            offset = storage.data_ptr() - start
+            if 0 <= offset < len(mapping):
+                first_page = offset // mmap.PAGESIZE * mmap.PAGESIZE
+                end = min(offset + storage.nbytes(), len(mapping))
+                try:
+                    mapping.madvise(MADV_PAGEOUT, first_page, end - first_page)
+                except OSError:  # EINVAL: a kernel before 5.4, without MADV_PAGEOUT
+                    return

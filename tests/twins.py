@@ -1,0 +1,121 @@
+"""The diffusers and transformers twins of a checkpoint: the same weights in the reference implementations.
+
+Our weights reach them as a real single file would: under the original layout's keys, through
+diffusers' own converters (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`,
+`convert_ldm_clip_checkpoint`), loaded strictly. That the converters use every one of our tensors
+and fill every parameter of theirs is the independent check of our reading of that layout.
+(Also used by benchmarks/common.py.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+)
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from sd_scratch.loading.single_file import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from sd_scratch.text_encoder import TextEncoderConfig
+from sd_scratch.unet import UNetConfig
+from sd_scratch.vae import VAEConfig
+
+
+def diffusers_unet_config(c: UNetConfig, sample_size: int = 64) -> dict:
+    levels = range(len(c.channel_mult))
+    heads = [c.heads_and_dim(c.model_channels * m)[0] for m in c.channel_mult]
+    return dict(
+        sample_size=sample_size,
+        in_channels=c.in_channels,
+        out_channels=c.out_channels,
+        block_out_channels=tuple(c.model_channels * m for m in c.channel_mult),
+        down_block_types=tuple("CrossAttnDownBlock2D" if i in c.attention_levels else "DownBlock2D" for i in levels),
+        up_block_types=tuple("CrossAttnUpBlock2D" if i in c.attention_levels else "UpBlock2D" for i in reversed(levels)),
+        layers_per_block=c.num_res_blocks,
+        cross_attention_dim=c.context_dim,
+        # diffusers calls the number of heads `attention_head_dim` (a historical misnomer)
+        attention_head_dim=heads[0] if len(set(heads)) == 1 else heads,
+        use_linear_projection=c.use_linear_projection,
+        norm_num_groups=c.norm_groups,
+        transformer_layers_per_block=c.transformer_depth,
+    )
+
+
+def diffusers_vae_config(c: VAEConfig, sample_size: int = 64) -> dict:
+    n = len(c.channel_mult)
+    return dict(in_channels=c.in_channels, out_channels=c.out_channels, latent_channels=c.latent_channels,
+                block_out_channels=tuple(c.base_channels * m for m in c.channel_mult),
+                down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                layers_per_block=c.num_res_blocks, norm_num_groups=c.norm_groups, sample_size=sample_size,
+                scaling_factor=c.scaling_factor)
+
+
+def transformers_clip_config(c: TextEncoderConfig) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=c.vocab_size, hidden_size=c.width, intermediate_size=c.mlp_width,
+                          num_hidden_layers=c.layers, num_attention_heads=c.heads,
+                          max_position_embeddings=c.max_positions, hidden_act=c.activation,
+                          layer_norm_eps=c.layer_norm_eps, pad_token_id=1, bos_token_id=49406, eos_token_id=49407,
+                          projection_dim=c.width)
+
+
+def clip_reference(c: TextEncoderConfig) -> CLIPTextModel:
+    return CLIPTextModel(transformers_clip_config(c)).eval()
+
+
+def vae_reference(c: VAEConfig) -> AutoencoderKL:
+    return AutoencoderKL(**diffusers_vae_config(c)).eval()
+
+
+def _under(original: dict[str, torch.Tensor], prefix: str) -> list[torch.Tensor]:
+    return [tensor for key, tensor in original.items() if key.startswith(prefix)]
+
+
+def unet_twin(original: dict[str, torch.Tensor], config: UNetConfig, sample_size: int = 64) -> UNet2DConditionModel:
+    """diffusers' UNet holding the UNet of `original` (a single file's tensors, under their full keys)."""
+    diffusers_config = diffusers_unet_config(config, sample_size)
+    converted = convert_ldm_unet_checkpoint(original, diffusers_config)
+    assert len(converted) == len(_under(original, UNET_PREFIX)), "diffusers' converter left some of our tensors unused"
+    unet = UNet2DConditionModel(**diffusers_config)
+    unet.load_state_dict(converted, strict=True)
+    return unet.eval()
+
+
+def vae_twin(original: dict[str, torch.Tensor], config: VAEConfig) -> AutoencoderKL:
+    """diffusers' AutoencoderKL holding the VAE of `original`."""
+    diffusers_config = diffusers_vae_config(config)
+    converted = convert_ldm_vae_checkpoint(original, diffusers_config)
+    # Every one of our tensors is used exactly once (the attention weights come back as views of ours) ...
+    assert {t.data_ptr() for t in converted.values()} == {t.data_ptr() for t in _under(original, VAE_PREFIX)}
+    vae = AutoencoderKL(**diffusers_config)
+    assert set(converted) == set(vae.state_dict())  # ... and every diffusers parameter is filled
+    vae.load_state_dict(converted, strict=True)
+    return vae.eval()
+
+
+def clip_twin(original: dict[str, torch.Tensor], config: TextEncoderConfig) -> CLIPTextModel:
+    """transformers' CLIPTextModel holding the SD 1.x text encoder of `original`. transformers 5 keeps
+    its layers without the `text_model.` level that the single file (and ours) has."""
+    converted = convert_ldm_clip_checkpoint(original)
+    clip = clip_reference(config)
+    clip.load_state_dict({k.removeprefix("text_model."): v for k, v in converted.items() if "position_ids" not in k},
+                         strict=True)
+    assert len(_under(original, CLIP_PREFIX)) == len(clip.state_dict())
+    return clip
+
+
+@dataclass
+class Twins:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+
+
+def diffusers_twins(original: dict[str, torch.Tensor], unet: UNetConfig, vae: VAEConfig, text_encoder: TextEncoderConfig,
+                    sample_size: int = 64) -> Twins:
+    """The three networks of an SD 1.x single file (its tensors under their full keys), in diffusers and transformers."""
+    return Twins(unet_twin(original, unet, sample_size), vae_twin(original, vae), clip_twin(original, text_encoder))
