@@ -25,10 +25,16 @@ def reference_scheduler(name: str, spacing: str = "leading", karras: bool = Fals
         return PNDMScheduler(**config, skip_prk_steps=True, set_alpha_to_one=False)
     if name == "dpmpp_2m":
         return DPMSolverMultistepScheduler(**config, algorithm_type="dpmsolver++", solver_order=2)
-    classes = {
-        "euler": EulerDiscreteScheduler,
-        "euler_a": EulerAncestralDiscreteScheduler,
-        "lms": LMSDiscreteScheduler,
-        "heun": HeunDiscreteScheduler,
-    }
-    return classes[name](**config)
+    return CLASSES[name](**config)
+
+
+CLASSES = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler, "lms": LMSDiscreteScheduler,
+           "heun": HeunDiscreteScheduler, "ddim": DDIMScheduler, "pndm": PNDMScheduler,
+           "dpmpp_2m": DPMSolverMultistepScheduler}
+
+
+def scheduler_from_config(name: str, config: dict):
+    """diffusers' scheduler for sampler `name` from a folder's scheduler_config.json, as a diffusers
+    user swaps schedulers (`Scheduler.from_config(pipe.scheduler.config)`), run the way we run ours."""
+    how = {"pndm": dict(skip_prk_steps=True), "dpmpp_2m": dict(algorithm_type="dpmsolver++", solver_order=2)}
+    return CLASSES[name].from_config({**config, **how.get(name, {})})

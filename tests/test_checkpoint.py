@@ -173,6 +173,7 @@ def test_half_precision_loading(sd1_file, dtype, atol):
     path, networks = sd1_file
     model = load_checkpoint(path, dtype=dtype)
     assert model.unet.out[2].weight.dtype == dtype and model.text_encoder.text_model.final_layer_norm.weight.dtype == dtype
+    assert model.dtype == dtype and model.device == torch.device("cpu")
     x = sample_inputs(64)
     x["context"] = x["context"].to(dtype)
     assert_close(outputs(*networks, x), outputs(model.text_encoder, model.unet, model.vae, x), atol=atol)
@@ -244,6 +245,39 @@ def test_missing_tensor_is_named(sd1_file, tmp_path):
     save_file(tensors, str(tmp_path / "missing.safetensors"))
     with pytest.raises(CheckpointError, match=r"UNet .*1 missing \(input_blocks\.1\.1\.transformer_blocks\.0\.attn2\.to_v\.weight\)"):
         load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_every_missing_tensor_is_named_up_to_twenty(sd1_file, tmp_path):
+    path, _ = sd1_file
+    tensors = load_file(str(path))
+    gone = sorted(k for k in tensors if k.startswith("model.diffusion_model.output_blocks."))[:25]
+    for key in gone:
+        del tensors[key]
+    save_file(tensors, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(tmp_path / "missing.safetensors")
+    message = str(error.value)
+    named = sorted(key.removeprefix("model.diffusion_model.") for key in gone)
+    assert f"25 missing ({', '.join(named[:20])} and 5 more), 0 unexpected (none)" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"rescale_betas_zero_snr": True}, "sets rescale_betas_zero_snr = True, which sd_scratch does not implement"),
+    ({"trained_betas": [0.1] * 1000}, "sets trained_betas"),
+    ({"beta_schedule": "squaredcos_cap_v2"}, "names beta_schedule 'squaredcos_cap_v2'; sd_scratch knows scaled_linear, linear"),
+    ({"timestep_spacing": "evenly"}, "names timestep_spacing 'evenly'"),
+    ({"prediction_type": "sample"}, "names prediction_type 'sample'; sd_scratch knows epsilon, v_prediction"),
+])
+def test_a_scheduler_config_asking_for_what_we_do_not_do_is_refused(sd1_file, tmp_path, setting, message):
+    folder = tmp_path / "folder"
+    (folder / "scheduler").mkdir(parents=True)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({"beta_schedule": "scaled_linear", **setting}))
+    from sd_scratch.loading.diffusers_folder import read_scheduler_config
+    with pytest.raises(CheckpointError, match=message) as error:
+        read_scheduler_config(path)
+    assert "\n" not in str(error.value)
 
 
 def test_pickled_ckpt_is_read_weights_only(sd1_file, tmp_path):

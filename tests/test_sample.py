@@ -1,5 +1,6 @@
 """The whole loop against diffusers' pipelines on the same weights, and its seeds."""
 
+import dataclasses
 import json
 import shutil
 
@@ -10,13 +11,17 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
-from reference_pipeline import reference_scheduler
-from sd_scratch.images import from_pil
+from reference_pipeline import reference_scheduler, scheduler_from_config
+from sd_scratch import sample
+from sd_scratch.cli import main
+from sd_scratch.images import from_pil, to_pil
 from sd_scratch.loading import load_checkpoint, save_checkpoint
-from sd_scratch.sample import generate
+from sd_scratch.sample import generate, initial_noise, latent_shape
 from sd_scratch.samplers import SAMPLER_NAMES
+from sd_scratch.schedule import ScheduleConfig
 from sd_scratch.tokenizer import WEIGHTS_DIR
-from small_models import small_sd
+from sd_scratch.unet import UNet
+from small_models import UNET_SD1, randomize, small_sd
 from twins import diffusers_twins
 
 PROMPTS = ["a red circle on a blue background", "a photograph of an astronaut riding a horse"]
@@ -110,6 +115,7 @@ def test_previews_show_the_predicted_clean_image(written):
     result = generate(model, PROMPTS[:1], steps=6, sampler="euler", height=HEIGHT, width=WIDTH, preview_every=2,
                       progress=False)
     assert len(result.previews) == 3 and result.previews[0].shape == result.images.shape
+    assert [image.tobytes() for image in result.pil_images] == [image.tobytes() for image in to_pil(result.images)]
     # the last preview is the x0 prediction at the last step, which Euler's final step lands on (sigma -> 0)
     assert (result.previews[-1] - result.images).abs().max() < 1e-4
 
@@ -119,3 +125,100 @@ def test_bad_sizes_are_refused_with_a_suggestion(written):
     model = load_checkpoint(paths["single file"])
     with pytest.raises(ValueError, match="height must be a multiple of 8, got 50: try 48 or 56"):
         generate(model, "x", height=50, width=64, progress=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# A diffusers folder's own noise schedule
+
+# Two schedules of other models, every value unlike SD's: linear betas over another range, "trailing"
+# steps, DDIM and PNDM landing on alpha_bar = 1 and v-prediction; scaled-linear betas to another end,
+# "leading" steps with an outdated steps_offset of 0 (which diffusers' pipeline overrules with 1, as we do).
+OWN_SCHEDULES = {
+    "linear, trailing, v": (dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, timestep_spacing="trailing",
+                                 set_alpha_to_one=True, prediction_type="v_prediction", clip_sample=False),
+                            ScheduleConfig(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                                           set_alpha_to_one=True, timestep_spacing="trailing"), "v_prediction"),
+    "scaled, leading, offset 0": (dict(beta_end=0.014, timestep_spacing="leading", steps_offset=0,
+                                       prediction_type="epsilon", clip_sample=False),
+                                  ScheduleConfig(beta_end=0.014, steps_offset=1), "epsilon"),
+}
+
+
+@pytest.fixture(scope="module", params=list(OWN_SCHEDULES))
+def folder_with_own_schedule(request, written, tmp_path_factory):
+    paths, _ = written
+    config_changes, schedule, prediction_type = OWN_SCHEDULES[request.param]
+    folder = tmp_path_factory.mktemp("own_schedule") / "folder"
+    shutil.copytree(paths["diffusers folder"], folder)
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = {**json.loads(config_path.read_text()), **config_changes}
+    config_path.write_text(json.dumps(config))
+    return folder, config, schedule, prediction_type
+
+
+@pytest.mark.parametrize("sampler", SAMPLER_NAMES)
+def test_a_folders_scheduler_config_is_honoured_as_diffusers_honours_it(written, folder_with_own_schedule, sampler):
+    folder, config, schedule, prediction_type = folder_with_own_schedule
+    paths, components = written
+    if config.get("steps_offset", 1) != 1:
+        with pytest.warns(UserWarning, match="sets steps_offset 0: .*using 1"):
+            model = load_checkpoint(folder)
+    else:
+        model = load_checkpoint(folder)
+    assert model.schedule == schedule and model.prediction_type == prediction_type
+    settings = dict(steps=STEPS, guidance=7.5, sampler=sampler, seed=11, height=HEIGHT, width=WIDTH, progress=False)
+    ours = generate(model, PROMPTS, NEGATIVE, **settings).images
+    pipe = StableDiffusionPipeline(**components, scheduler=scheduler_from_config(sampler, config), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(PROMPTS, negative_prompt=[NEGATIVE] * 2, num_inference_steps=STEPS, guidance_scale=7.5,
+                  height=HEIGHT, width=WIDTH, generator=generators(11, 2), output_type="pt").images
+    assert (ours - theirs).abs().max() <= 1e-3
+    # The same weights on SD's own schedule make another picture (by 0.04 at least; 10x the bound above),
+    # so the comparison above could fail.
+    sd_schedule = generate(load_checkpoint(paths["single file"]), PROMPTS, NEGATIVE, **settings).images
+    assert (sd_schedule - ours).abs().max() > 10 * 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# Inpainting checkpoints: 9 UNet input channels, 4 latent channels
+
+
+@pytest.fixture(scope="module")
+def inpainting_file(tmp_path_factory):
+    text_encoder, _, vae = small_sd(1, seed=3)
+    unet = randomize(UNet(dataclasses.replace(UNET_SD1, in_channels=9)), seed=4)
+    path = tmp_path_factory.mktemp("inpainting") / "inpainting.safetensors"
+    save_checkpoint(path, text_encoder, unet, vae, image_size=64)
+    return path
+
+
+def test_starting_noise_has_the_vaes_latent_channels_when_the_unet_takes_9(inpainting_file, monkeypatch):
+    model = load_checkpoint(inpainting_file)
+    assert model.kind == "SD 1.x inpainting" and model.unet.config.in_channels == 9
+    assert latent_shape(model, HEIGHT, WIDTH) == (4, HEIGHT // 8, WIDTH // 8)
+    noise = initial_noise(generators(5, 2), latent_shape(model, HEIGHT, WIDTH), "cpu")
+    assert torch.equal(noise[1:], torch.randn((1, 4, HEIGHT // 8, WIDTH // 8), generator=torch.manual_seed(6)))
+
+    # Through the loop: a stand-in for what inpainting will add (the mask and the masked image's latents,
+    # here zeros) lets the 9-channel UNet run; the latents it is handed have the VAE's 4 channels.
+    handed, unet_forward = [], model.unet.forward
+
+    def forward(latents, timestep, context, vector=None):
+        handed.append(tuple(latents.shape))
+        extra = latents.new_zeros(latents.shape[0], 5, *latents.shape[2:])
+        return unet_forward(torch.cat([latents, extra], dim=1), timestep, context, vector)
+
+    monkeypatch.setattr(model.unet, "forward", forward)
+    monkeypatch.setattr(sample, "check_unet_input", lambda model: None)
+    generate(model, PROMPTS, steps=2, guidance=7.5, height=HEIGHT, width=WIDTH, progress=False)
+    assert handed == [(4, 4, HEIGHT // 8, WIDTH // 8)] * 2  # [uncond, cond] x 2 prompts, 2 steps
+
+
+def test_inpainting_checkpoints_are_refused_in_one_line_until_a_mask_can_be_given(inpainting_file, tmp_path, capsys):
+    with pytest.raises(ValueError, match="inpainting checkpoint .* cannot give it a mask yet"):
+        generate(load_checkpoint(inpainting_file), "x", steps=1, progress=False)
+    assert main(["--checkpoint", str(inpainting_file), "--outdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: this is an inpainting checkpoint") and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())

@@ -73,3 +73,9 @@ def test_full_size_sd15_unet_matches_diffusers():
         expected = theirs(latents, torch.tensor([981, 981]), encoder_hidden_states=context).sample
         got = ours(latents, torch.tensor([981, 981]), context)
     assert (got - expected).abs().max() < 1e-4
+
+
+def test_a_unet_without_label_emb_refuses_a_conditioning_vector():
+    ours = random_unet(SMALL_SD1)
+    with pytest.raises(ValueError, match="no label_emb"):
+        ours(torch.randn(1, 4, 8, 8), 10, torch.randn(1, 7, 48), torch.randn(1, 16))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from pathlib import Path
 
 from sd_scratch.loading.configs import infer_text_encoder_config, infer_unet_config, infer_vae_config, meta_tensors
@@ -105,10 +106,15 @@ def read_scheduler_config(path: Path) -> tuple[ScheduleConfig, str]:
 
     Keys it leaves out keep SD 1.x/2.x's values (those of SD15_SCHEDULE, and epsilon): v1.5's own
     file names no `timestep_spacing`, and the PNDM scheduler it was written for spaces "leading".
-    The scheduler class it names is not read: sd_scratch's sampler is chosen with --sampler. So is
-    `clip_sample`, which SD's configs set false and only diffusers' DDIM would apply.
+    The scheduler class it names is not read: sd_scratch's sampler is chosen with --sampler.
+    Two values diffusers' SD 1.x/2.x pipelines overrule as outdated, and so do we: a `steps_offset`
+    other than 1 (1 is the offset of the original sampler's timesteps) and `clip_sample` true.
     """
     config = _read_json(path)
+    if config.get("steps_offset", 1) != 1:
+        warnings.warn(f"{path} sets steps_offset {config['steps_offset']}: Stable Diffusion's samplers use 1 (so do "
+                      "diffusers' pipelines, which overrule it too); using 1", stacklevel=2)
+        config["steps_offset"] = 1
     for key, unsupported in UNSUPPORTED_SCHEDULER_SETTINGS.items():
         if unsupported(config.get(key)):
             raise CheckpointError(f"{path} sets {key} = {config[key]!r}, which sd_scratch does not implement")
