@@ -162,7 +162,8 @@ def run(args, prompts: list[str]) -> int:
         raise UsageError(f"--clip-skip {skip} leaves no text encoder layer: it has {model.text_encoder.config.layers}")
 
     speed = SpeedAndMemory(args.attention_slices, args.tiled_decode, args.compile)
-    sampler_label = samplers.SAMPLERS[args.sampler].label + (" Karras" if args.karras else "")  # as image browsers name it
+    # The sampler as image browsers name it: "DPM++ 2M Karras"
+    sampler_label = samplers.SAMPLERS[args.sampler].label + (" Karras" if args.karras else "")
     made = []
     number = next_free_number(args.outdir, "sample")
     model_name = Path(model.source).stem

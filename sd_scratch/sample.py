@@ -38,7 +38,7 @@ class SpeedAndMemory:
     """Options that change how fast the loop runs or how much memory it takes, never the loop itself.
 
     attention_slices: > 1 computes attention a slice of queries at a time (`UNet.set_attention_slices`).
-    tiled_decode: decode in overlapping tiles (`vae.decode_tiled`), for images too large to decode at once.
+    tiled_decode: decode in overlapping tiles (`vae.py`'s `decode_tiled`), for images too large to decode at once.
     compile_unet: run the UNet through torch.compile (a slow first step, then faster ones).
     """
 
@@ -75,7 +75,7 @@ def classifier_free_guidance(noise_uncond: torch.Tensor, noise_cond: torch.Tenso
 def latents_to_images(model: StableDiffusion, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
     """Undo the latent scaling (SD 1.x/2.x: latents = 0.18215 * z), decode, map [-1, 1] to [0, 1].
 
-    tiled: decode in overlapping tiles (`vae.decode_tiled`), for images too large to decode at once.
+    tiled: decode in overlapping tiles (`vae.py`'s `decode_tiled`), for images too large to decode at once.
     A half-precision VAE can overflow to NaN on some images (a known weakness of SD's VAE in fp16);
     rather than save a black picture, we move the VAE to fp32 once and decode again.
     """

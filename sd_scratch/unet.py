@@ -298,7 +298,7 @@ class UNet(nn.Module):
         pooled text and image sizes); SD 1.x and 2.x have none, and condition on the context alone.
         """
         if vector is not None:
-            raise ValueError("this UNet has no label_emb to take a conditioning vector: it is conditioned on text alone")
+            raise ValueError("this UNet has no label_emb to take a conditioning vector: it is conditioned on text")
         timesteps = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(latents.shape[0])
         time_emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(latents.dtype))
         context = context.to(latents.dtype)

@@ -89,7 +89,7 @@ class AttnBlock(nn.Module):
 
     q, k, v and proj_out are 1x1 convolutions, as in the original file, so the CompVis checkpoints
     load as they are. Some files store the same four matrices as linear weights [C, C] instead of
-    [C, C, 1, 1]; the loader (`checkpoint.py`) reshapes those, the network keeps one layout.
+    [C, C, 1, 1]; the loader (`loading/strict.py`) reshapes those, the network keeps one layout.
     """
 
     def __init__(self, channels: int, config: VAEConfig):

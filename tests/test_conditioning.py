@@ -31,7 +31,8 @@ def test_the_guidance_batch_puts_uncond_first_and_each_half_keeps_its_rows():
     assert torch.equal(batch.context, torch.cat([uncond.context, cond.context]))
     assert torch.equal(batch.vector, torch.cat([uncond.vector, cond.vector]))
     assert guidance_batch(Conditioning(uncond.context), Conditioning(cond.context)).vector is None
-    assert batch.to(torch.float16).context.dtype == torch.float16 and batch.to(torch.float16).vector.dtype == torch.float16
+    half = batch.to(torch.float16)
+    assert half.context.dtype == torch.float16 and half.vector.dtype == torch.float16
 
 
 def test_shapes_the_unet_cannot_take_are_refused():

@@ -11,7 +11,7 @@ import torch
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
 from scipy import integrate
 
-from reference_pipeline import SD15, reference_scheduler
+from reference_pipeline import reference_scheduler
 from sd_scratch import samplers
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")

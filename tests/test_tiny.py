@@ -11,7 +11,7 @@ from sd_scratch.sample import generate
 from sd_scratch.tiny import train
 from sd_scratch.tiny.dataset import (COLOURS, IMAGE_SIZE, MARGIN, SHAPES, caption, make_dataset, palette_tensor,
                                     random_scenes, render)
-from sd_scratch.tiny.evaluate import (IMG2IMG_PROMPT, IMG2IMG_START_SCENE, check_scorer, colour_latents, evaluate,
+from sd_scratch.tiny.evaluate import (IMG2IMG_PROMPT, IMG2IMG_START_SCENE, check_scorer, evaluate,
                                      evaluation_prompts, image_to_image_score, judge_image_to_image,
                                      latent_colour_cosine, read_image, score)
 

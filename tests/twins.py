@@ -115,7 +115,8 @@ class Twins:
     text_encoder: CLIPTextModel
 
 
-def diffusers_twins(original: dict[str, torch.Tensor], unet: UNetConfig, vae: VAEConfig, text_encoder: TextEncoderConfig,
-                    sample_size: int = 64) -> Twins:
-    """The three networks of an SD 1.x single file (its tensors under their full keys), in diffusers and transformers."""
+def diffusers_twins(original: dict[str, torch.Tensor], unet: UNetConfig, vae: VAEConfig,
+                    text_encoder: TextEncoderConfig, sample_size: int = 64) -> Twins:
+    """The three networks of an SD 1.x single file (its tensors under their full keys), in diffusers and
+    transformers."""
     return Twins(unet_twin(original, unet, sample_size), vae_twin(original, vae), clip_twin(original, text_encoder))

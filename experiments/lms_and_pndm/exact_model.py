@@ -149,7 +149,8 @@ def asked_captions(count: int, colours: int = len(COLOURS), seed: int = 0) -> to
 
 
 def main(argv: list[str] | None = None):
-    parser = argparse.ArgumentParser(prog="python -m experiments.lms_and_pndm.exact_model", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.lms_and_pndm.exact_model",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="whose VAE gives the colours (default: the tiny model)")
     parser.add_argument("--samplers", nargs="+", default=list(samplers.SAMPLER_NAMES), choices=samplers.SAMPLER_NAMES)
     parser.add_argument("--guidance", nargs="+", type=float, default=[1.0, 3.0, 7.5])

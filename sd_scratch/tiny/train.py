@@ -40,7 +40,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from sd_scratch.loading import save_checkpoint
 from sd_scratch.schedule import alphas_cumprod
