@@ -28,6 +28,8 @@ from sd_scratch.vae import VAE
 
 
 def load_diffusers_folder(folder: Path, device, dtype, prediction_type: str | None) -> StableDiffusion:
+    """The networks of a diffusers folder, renamed to the original keys and filled strictly, with the
+    tokenizer and the noise schedule the folder holds."""
     for part in ("unet", "vae", "text_encoder"):
         if not (folder / part).is_dir():
             raise CheckpointError(f"{folder} is a folder but has no {part}/: give a diffusers model folder "

@@ -52,6 +52,8 @@ IGNORED_KEYS = re.compile(
 
 
 def load_single_file(path: Path, device, dtype, prediction_type: str | None) -> StableDiffusion:
+    """The networks of an original single file, each filled strictly. The configs come from the file's
+    metadata when sd_scratch wrote it, else from the shapes; SD 1.x or 2.x is told by the text encoder."""
     file = TensorFile(path)
     keys = file.keys
     kind = identify(keys, path)
