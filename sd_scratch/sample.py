@@ -18,17 +18,25 @@ that image's generator too.
 
 from __future__ import annotations
 
-import sys
+if __name__ == "__main__":  # python -m sd_scratch.sample: the command line (cli.py), before torch is imported,
+    import sys  # so that --help and mistakes are answered at once
+
+    from sd_scratch.cli import main
+
+    sys.exit(main())
+
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from sd_scratch import samplers
+from sd_scratch.checks import check_seeds, check_size
 from sd_scratch.conditioning import encode_prompts, guidance_batch
-from sd_scratch.images import to_pil
+from sd_scratch.images import parameters_text, save_png, to_pil
 from sd_scratch.loading import StableDiffusion, release_weights
 from sd_scratch.vae import decode_tiled
 
@@ -51,7 +59,12 @@ class SpeedAndMemory:
 class Generation:
     images: torch.Tensor  # (B, 3, H, W) in [0, 1]
     pil_images: list[Image.Image]  # the same, 8 bits per channel, ready to show or save
+    parameters: list[str]  # each image's prompt and settings, as image browsers read them (images.parameters_text)
     previews: list[torch.Tensor] = field(default_factory=list)  # (B, 3, H, W) predicted clean images along the way
+
+    def save(self, i: int, path: str | Path) -> Path:
+        """Image i as a PNG carrying its parameters; an existing file is never overwritten."""
+        return save_png(self.pil_images[i], Path(path), self.parameters[i])
 
 
 def latent_shape(model: StableDiffusion, height: int, width: int) -> tuple[int, int, int]:
@@ -112,6 +125,7 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     height, width = image_size(model, init_image, height, width)
+    check_seeds(seed, len(prompts))
     guided = guidance > 1  # at guidance 1 the unconditional half would cancel out: skip it, as diffusers does
     unet = prepare_unet(model, speed)
 
@@ -154,7 +168,27 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
     # 5. Latents -> pixels -> PIL images
     release_weights(model.unet)
     images = latents_to_images(model, latents, speed.tiled_decode)
-    return Generation(images, to_pil(images), previews)
+    settings = dict(steps=steps, guidance=guidance, sampler=sampler, spacing=spacing, karras=karras, eta=eta,
+                    height=height, width=width, skip_last_layers=skip_last_layers,
+                    strength=None if init_image is None else strength)
+    return Generation(images, to_pil(images), describe(model, prompts, negative_prompt, seed, **settings), previews)
+
+
+def describe(model: StableDiffusion, prompts: list[str], negative_prompt: str, seed: int, *, steps, guidance,
+             sampler, spacing, karras, eta, height, width, skip_last_layers, strength) -> list[str]:
+    """Each image's `parameters` text: its prompt and what made it, in AUTOMATIC1111's names."""
+    skip = model.skip_last_layers if skip_last_layers is None else skip_last_layers
+    settings = {"Steps": steps, "Sampler": samplers.SAMPLERS[sampler].label + (" Karras" if karras else ""),
+                "CFG scale": guidance, "Seed": None, "Size": f"{width}x{height}", "Model": Path(model.source).stem}
+    if skip:
+        settings["Clip skip"] = skip + 1  # the web UIs count the last layer as 1
+    if strength is not None:
+        settings["Denoising strength"] = strength
+    if eta is not None:
+        settings["Eta"] = eta
+    if spacing is not None:
+        settings["Spacing"] = spacing  # not an A1111 field: diffusers' timestep_spacing
+    return [parameters_text(prompt, negative_prompt, {**settings, "Seed": seed + i}) for i, prompt in enumerate(prompts)]
 
 
 def image_size(model: StableDiffusion, init_image, height: int | None, width: int | None) -> tuple[int, int]:
@@ -164,13 +198,6 @@ def image_size(model: StableDiffusion, init_image, height: int | None, width: in
     check_size("height", height)
     check_size("width", width)
     return height, width
-
-
-def check_size(name: str, pixels: int) -> None:
-    """The VAE halves the image three times (SD): sides must be multiples of 8."""
-    if pixels < 8 or pixels % 8:
-        lower, upper = max(8, pixels // 8 * 8), (pixels // 8 + 1) * 8
-        raise ValueError(f"{name} must be a multiple of 8, got {pixels}: try {lower} or {upper}")
 
 
 def check_unet_input(model: StableDiffusion) -> None:
@@ -185,9 +212,3 @@ def prepare_unet(model: StableDiffusion, speed: SpeedAndMemory):
     check_unet_input(model)
     model.unet.set_attention_slices(speed.attention_slices)
     return torch.compile(model.unet) if speed.compile_unet else model.unet
-
-
-if __name__ == "__main__":  # python -m sd_scratch.sample: the command line, in cli.py
-    from sd_scratch.cli import main
-
-    sys.exit(main())

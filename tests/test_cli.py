@@ -74,7 +74,11 @@ def test_prompts_from_file_iterations_and_intermediates(checkpoint, tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["grid-00000.png"] + [f"sample-0000{i}{s}.png" for i in range(4) for s in ("", "-steps")])
     assert read_parameters(out / "sample-00001.png").startswith("a blue square\nSteps: 4, Sampler: DDIM")
-    assert "Seed: 43" in read_parameters(out / "sample-00002.png")  # second iteration: seed + n_samples
+    # image i of the run uses seed + i, whichever prompt and iteration it belongs to
+    assert [read_parameters(out / f"sample-0000{i}.png").split("Seed: ")[1].split(",")[0] for i in range(4)] == \
+        ["42", "43", "44", "45"]
+    assert read_parameters(out / "sample-00002-steps.png").endswith("Model: small_sd, Preview every: 2 steps")
+    assert read_parameters(out / "grid-00000.png") == read_parameters(out / "sample-00000.png")
     assert Image.open(out / "sample-00000-steps.png").size == (32 * 3, 32)  # 2 previews + the final image
 
 
@@ -95,7 +99,9 @@ def test_long_prompt_warns_with_the_dropped_words(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--height", "50"], "height must be a multiple of 8, got 50: try 48 or 56"),
-    (["--width", "3"], "width must be a multiple of 8, got 3: try 8 or 8"),
+    (["--width", "3"], "width must be a multiple of 8, at least 8, got 3"),
+    (["--width", "0"], "width must be a multiple of 8, at least 8, got 0"),
+    (["--height", "-8"], "height must be a multiple of 8, at least 8, got -8"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--guidance", "-1"], "--guidance must not be negative"),
     (["--strength", "0.5"], "--strength needs --init-image"),
@@ -145,4 +151,5 @@ def test_no_arguments_draws_the_default_prompt_with_the_shipped_tiny_model(tmp_p
     assert result.returncode == 0, result.stderr
     image = tmp_path / "outputs" / "sample-00000.png"
     assert Image.open(image).size == (64, 64)
-    assert read_parameters(image).startswith("a red circle on a blue background\nSteps: 25, Sampler: Euler, CFG scale: 7.5")
+    # the shipped model recommends guidance 3 in its metadata: the command line takes it and records it
+    assert read_parameters(image).startswith("a red circle on a blue background\nSteps: 25, Sampler: Euler, CFG scale: 3.0")

@@ -156,6 +156,7 @@ def folder_with_own_schedule(request, written, tmp_path_factory):
     return folder, config, schedule, prediction_type
 
 
+@pytest.mark.filterwarnings("ignore:The configuration file of this scheduler")  # diffusers on steps_offset 0
 @pytest.mark.parametrize("sampler", SAMPLER_NAMES)
 def test_a_folders_scheduler_config_is_honoured_as_diffusers_honours_it(written, folder_with_own_schedule, sampler):
     folder, config, schedule, prediction_type = folder_with_own_schedule

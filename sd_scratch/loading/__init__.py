@@ -24,14 +24,12 @@ import torch
 
 from sd_scratch.loading.diffusers_folder import load_diffusers_folder
 from sd_scratch.loading.model import CheckpointError, StableDiffusion
-from sd_scratch.loading.single_file import load_single_file, save_checkpoint
+from sd_scratch.loading.single_file import DEFAULT_CHECKPOINT, load_single_file, save_checkpoint
 from sd_scratch.loading.tensor_file import release_weights
-from sd_scratch.tokenizer import WEIGHTS_DIR
 
 __all__ = ["DEFAULT_CHECKPOINT", "CheckpointError", "StableDiffusion", "load_checkpoint", "release_weights",
            "save_checkpoint"]
 
-DEFAULT_CHECKPOINT = WEIGHTS_DIR / "tiny_sd.safetensors"
 WHERE_WEIGHTS_GO = (
     "put a Stable Diffusion checkpoint in weights/ (e.g. v1-5-pruned-emaonly.safetensors from "
     "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5) and pass it with --checkpoint"

@@ -102,3 +102,22 @@ def infer_text_encoder_config(state: dict[str, torch.Tensor], activation: str) -
         mlp_width=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
         activation=activation,
     )
+
+
+def misfits(unet: UNetConfig, vae: VAEConfig, text_encoder: TextEncoderConfig) -> list[str]:
+    """What in configs read off the shapes cannot hold, given what the shapes do not tell and SD assumes
+    (32 group-norm groups, SD 1.x's 8 attention heads or SD 2.x's heads of 64 channels)."""
+    found = []
+    unet_widths = sorted({unet.model_channels * m for m in unet.channel_mult})
+    if any(width % unet.norm_groups for width in unet_widths):
+        found.append(f"the UNet's widths {unet_widths} do not split into SD's {unet.norm_groups} group-norm groups")
+    attention_widths = sorted({unet.model_channels * unet.channel_mult[level] for level in unet.attention_levels})
+    if any(width % (unet.num_heads or unet.head_dim) for width in attention_widths):
+        heads = f"{unet.num_heads} heads" if unet.num_heads else f"heads of {unet.head_dim} channels"
+        found.append(f"its attention widths {attention_widths} do not split into SD's {heads}")
+    vae_widths = sorted({vae.base_channels * m for m in vae.channel_mult})
+    if any(width % vae.norm_groups for width in vae_widths):
+        found.append(f"the VAE's widths {vae_widths} do not split into SD's {vae.norm_groups} group-norm groups")
+    if text_encoder.width % 64:
+        found.append(f"the text encoder's width {text_encoder.width} does not split into CLIP's heads of 64 channels")
+    return found

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,6 +31,9 @@ class StableDiffusion:
     image_size: int  # the side the model was trained at: the default height and width
     source: str
     schedule: ScheduleConfig = SD15_SCHEDULE  # the training noise schedule (a diffusers folder may name another)
+    # Sampling settings the model is best used with, from its metadata: the command line's defaults
+    # where the user gives none (the tiny model: {"guidance": 3.0}, at which every sampler draws it right).
+    defaults: dict = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:

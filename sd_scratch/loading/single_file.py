@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sd_scratch.loading.configs import infer_text_encoder_config, infer_unet_config, infer_vae_config, meta_tensors
+from sd_scratch.loading.configs import (infer_text_encoder_config, infer_unet_config, infer_vae_config, meta_tensors,
+                                       misfits)
 from sd_scratch.loading.model import CheckpointError, StableDiffusion
 from sd_scratch.loading.strict import build_empty, fill_strictly, list_keys
 from sd_scratch.loading.tensor_file import TensorFile
@@ -38,6 +39,7 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
 METADATA_KEY = "sd_scratch"  # safetensors metadata entry holding our configs as JSON
+DEFAULT_CHECKPOINT = WEIGHTS_DIR / "tiny_sd.safetensors"  # the tiny model this project ships
 
 # Tensors a single file carries that inference does not use, ignored on purpose (and only these).
 IGNORED_KEYS = re.compile(
@@ -66,7 +68,9 @@ def load_single_file(path: Path, device, dtype, prediction_type: str | None) -> 
             "merge LoRAs or other add-ons into the checkpoint first"
         )
 
-    stored = json.loads(file.metadata[METADATA_KEY]) if METADATA_KEY in file.metadata else None
+    # Our configs: from the file's metadata, or, for the shipped tiny model's tensors saved without it,
+    # from the shipped file's (its group norms and heads are in no tensor's shape, and are not SD's).
+    stored = json.loads(file.metadata[METADATA_KEY]) if METADATA_KEY in file.metadata else shipped_configs_for(file)
     if stored:
         unet_config = UNetConfig(**_tuples(stored["unet"]))
         vae_config = VAEConfig(**_tuples(stored["vae"]))
@@ -79,6 +83,14 @@ def load_single_file(path: Path, device, dtype, prediction_type: str | None) -> 
             text_config = infer_text_encoder_config(openclip_to_clip_keys(_strip(shapes, OPENCLIP_PREFIX)), "gelu")
         else:
             text_config = infer_text_encoder_config(_strip(shapes, CLIP_PREFIX), "quick_gelu")
+        if problems := misfits(unet_config, vae_config, text_config):
+            raise CheckpointError(
+                f"{path} carries no sd_scratch config and its shapes fit no family sd_scratch knows: read as "
+                f"{kind} with a UNet of {unet_config.model_channels} x {unet_config.channel_mult} channels, a VAE of "
+                f"{vae_config.base_channels} x {vae_config.channel_mult} and a text encoder {text_config.width} "
+                f"wide, but {'; '.join(problems)}; its configs must come with it: write the networks with "
+                f"sd_scratch.loading.save_checkpoint, which stores them in the safetensors metadata"
+            )
     if unet_config.in_channels == 9:
         kind += " inpainting"  # latents + mask + masked-image latents
 
@@ -109,8 +121,23 @@ def load_single_file(path: Path, device, dtype, prediction_type: str | None) -> 
         skip_last_layers = 1 if is_openclip else 0  # SD 2.x conditions on OpenCLIP's penultimate layer
         pad = PAD_ZERO if is_openclip else PAD_EOS
         image_size = 768 if prediction_type == "v_prediction" else 512  # SD 2.x 768-v, every other SD: 512
+    defaults = stored.get("defaults", {}) if stored else {}
     return StableDiffusion(Tokenizer(WEIGHTS_DIR, pad_token_id=pad), text_encoder, unet, vae, kind,
-                           prediction_type, skip_last_layers, image_size, str(path))
+                           prediction_type, skip_last_layers, image_size, str(path), defaults=defaults)
+
+
+def shipped_configs_for(file: TensorFile) -> dict | None:
+    """The shipped tiny model's stored configs, if `file` holds tensors of exactly its names and shapes."""
+    if not DEFAULT_CHECKPOINT.exists():
+        return None
+    with open(DEFAULT_CHECKPOINT, "rb") as f:
+        entries, _ = TensorFile.read_header(DEFAULT_CHECKPOINT, f.read(8))
+    metadata = entries.pop("__metadata__", None) or {}
+    if METADATA_KEY not in metadata or set(entries) != set(file.keys):
+        return None
+    if any(tuple(entry["shape"]) != file.shape(key) for key, entry in entries.items()):
+        return None
+    return json.loads(metadata[METADATA_KEY])
 
 
 def identify(keys: list[str], path: Path) -> str:
@@ -197,8 +224,12 @@ def openclip_to_clip_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
 
 def save_checkpoint(path: str | Path, text_encoder: TextEncoder, unet: UNet, vae: VAE, *,
                     prediction_type: str = "epsilon", skip_last_layers: int = 0, pad_token_id: int = PAD_EOS,
-                    image_size: int = 512) -> None:
-    """Write the three networks in the original single-file layout, their configs in the metadata."""
+                    image_size: int = 512, defaults: dict | None = None) -> None:
+    """Write the three networks in the original single-file layout, their configs in the metadata.
+
+    defaults: the sampling settings the model is best used with, which the command line takes when the
+    user gives none (the tiny model: {"guidance": 3.0}).
+    """
     tensors = {}
     for prefix, model in [(UNET_PREFIX, unet), (VAE_PREFIX, vae), (CLIP_PREFIX, text_encoder)]:
         tensors.update({prefix + k: v.detach().contiguous() for k, v in model.state_dict().items()})
@@ -206,6 +237,6 @@ def save_checkpoint(path: str | Path, text_encoder: TextEncoder, unet: UNet, vae
         "unet": dataclasses.asdict(unet.config), "vae": dataclasses.asdict(vae.config),
         "text_encoder": dataclasses.asdict(text_encoder.config),
         "prediction_type": prediction_type, "skip_last_layers": skip_last_layers, "pad_token_id": pad_token_id,
-        "image_size": image_size,
+        "image_size": image_size, "defaults": defaults or {},
     }
     save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(configs)})

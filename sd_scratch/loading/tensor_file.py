@@ -47,7 +47,7 @@ class TensorFile:
             self.keys = list(self._pickle)
             return
         self._pickle = None
-        self._entries, self._data_start = self._read_header(path, head)
+        self._entries, self._data_start = self.read_header(path, head)
         with open(path, "rb") as f:  # copy-on-write mapping: tensors viewing it are writable, the file is not
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         _MAPPINGS.add(self._map)
@@ -55,7 +55,8 @@ class TensorFile:
         self.keys = list(self._entries)
 
     @staticmethod
-    def _read_header(path: Path, head: bytes) -> tuple[dict, int]:
+    def read_header(path: Path, head: bytes) -> tuple[dict, int]:
+        """The JSON header (every tensor's dtype, shape and byte range; "__metadata__") and where the data start."""
         def unreadable(reason):
             return CheckpointError(
                 f"{path} is not a readable safetensors file ({reason}); it may be truncated or of another "
@@ -84,13 +85,15 @@ class TensorFile:
     @staticmethod
     def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         # weights_only=True never runs code from the file: a pickle that needs more than tensors is refused.
+        # Memory-mapping needs torch's zip format (torch.save since 1.6); older pickles are read into memory.
+        with open(path, "rb") as f:
+            is_zip = f.read(2) == b"PK"
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
         except Exception as error:  # noqa: BLE001 - any failure here means "not a tensor pickle we can trust"
-            reason = str(error).strip().splitlines()[0][:200]
             raise CheckpointError(
-                f"{path} could not be read as a weights-only PyTorch pickle ({reason}); convert it to "
-                f".safetensors, or use the .safetensors release of the same model"
+                f"{path} could not be read as a weights-only PyTorch pickle ({why_refused(error)}); convert it "
+                "to .safetensors, or use the .safetensors release of the same model"
             ) from None
         if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
             data = data["state_dict"]
@@ -134,6 +137,18 @@ class TensorFile:
         last_page = end // mmap.PAGESIZE * mmap.PAGESIZE
         if last_page > first_page:
             self._map.madvise(mmap.MADV_DONTNEED, first_page, last_page - first_page)
+
+
+def why_refused(error: Exception) -> str:
+    """torch.load's reason in one short phrase: the unpickler's own words when it names what it would not
+    load (its message around them is advice to turn the safety off, which we do not give)."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        reason = " ".join(text.split("WeightsUnpickler error:", 1)[1].split())
+        reason = reason.split(". Please")[0].split(" Check the documentation")[0].rstrip(".")
+        return f"it holds more than tensors: {reason}"
+    first = " ".join(text.split())
+    return first[:first.index(". ") + 1] if ". " in first[:200] else first[:200]
 
 
 _MAPPINGS: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()  # mapped checkpoint files, while their weights live
