@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sd_scratch import samplers
-from sd_scratch.checks import check_seeds, check_size
+from sd_scratch.checks import check_seeds, check_size, finite
 from sd_scratch.conditioning import encode_prompts, guidance_batch
 from sd_scratch.images import parameters_text, save_png, to_pil
 from sd_scratch.loading import StableDiffusion, release_weights
@@ -126,6 +126,7 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     height, width = image_size(model, init_image, height, width)
     check_seeds(seed, len(prompts))
+    finite("guidance", guidance)
     guided = guidance > 1  # at guidance 1 the unconditional half would cancel out: skip it, as diffusers does
     unet = prepare_unet(model, speed)
 

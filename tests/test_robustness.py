@@ -3,6 +3,7 @@ concurrent runs into one folder, devices, non-finite numbers, seeds, sizes, Ctrl
 configs, deep images, and the PNG parameters of every file written."""
 
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -97,10 +98,12 @@ def test_every_seed_of_the_run_is_checked_before_loading(tmp_path, capsys, args,
     one_line_error(capsys, message)
 
 
-def test_generate_refuses_a_seed_past_the_generators_range(checkpoint):
+def test_generate_refuses_a_seed_past_the_generators_range_and_a_guidance_of_nan(checkpoint):
     model = load_checkpoint(checkpoint)
     with pytest.raises(ValueError, match="the last image's seed, 18446744073709551616"):
         sample.generate(model, ["a", "b"], seed=2**64 - 1, steps=1, progress=False)
+    with pytest.raises(ValueError, match="guidance must be a finite number, got nan"):
+        sample.generate(model, "a", guidance=float("nan"), steps=1, progress=False)
 
 
 def test_a_size_too_large_for_the_memory_is_refused_with_what_it_needs_and_force_runs_it(checkpoint, tmp_path,
@@ -210,17 +213,26 @@ def _written(tmp_path, vae_config):
     return path
 
 
-def test_a_pickle_that_would_run_code_is_refused_in_words_of_what_it_holds(tmp_path):
-    class RunsCode:
-        def __reduce__(self):
-            return (print, ("this must never run",))
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("this must never run",))
 
+
+def test_a_pickle_that_would_run_code_is_refused_in_words_of_what_it_holds(tmp_path, capsys):
     torch.save({"state_dict": RunsCode()}, tmp_path / "evil.ckpt")
     with pytest.raises(CheckpointError) as error:
         load_checkpoint(tmp_path / "evil.ckpt")
     message = str(error.value)
     assert "it holds more than tensors: Unsupported global: GLOBAL print was not an allowed global" in message
     assert "Re-running" not in message and "weights_only` set to `False" not in message
+    # A plain (not zip) pickle too, through the command line: one line, no warning from torch before it.
+    with open(tmp_path / "plain.ckpt", "wb") as f:
+        pickle.dump({"state_dict": RunsCode()}, f)
+    assert main(["--checkpoint", str(tmp_path / "plain.ckpt"), "--outdir", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and len(captured.err.strip().splitlines()) == 1
+    assert "could not be read as a weights-only PyTorch pickle (it holds more than tensors" in captured.err
+    assert "must never run" not in captured.out
 
 
 # --------------------------------------------------------------------------------------------------

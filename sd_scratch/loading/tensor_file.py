@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import mmap
 import sys
+import warnings
 import weakref
 from pathlib import Path
 
@@ -89,7 +90,9 @@ class TensorFile:
         with open(path, "rb") as f:
             is_zip = f.read(2) == b"PK"
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+            with warnings.catch_warnings():  # torch's notes on pickle protocols: we load tensors, or refuse
+                warnings.simplefilter("ignore")
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
         except Exception as error:  # noqa: BLE001 - any failure here means "not a tensor pickle we can trust"
             raise CheckpointError(
                 f"{path} could not be read as a weights-only PyTorch pickle ({why_refused(error)}); convert it "
