@@ -20,10 +20,11 @@ from sd_scratch.checks import SEED_RANGE, check_seeds, check_size, finite
 
 DEFAULT_PROMPT = "a red circle on a blue background"  # in the shipped tiny model's vocabulary
 DEFAULT_GUIDANCE = 7.5  # SD's usual scale, for models that recommend none
-# The names of samplers.SAMPLER_NAMES and schedule.SPACINGS, repeated here so that --help and the checks
+# The names of samplers.SAMPLER_NAMES, schedule.SPACINGS and schedule.SCHEDULE_TYPES, repeated here so that --help and the checks
 # need no torch; tests/test_cli.py keeps them equal to the originals.
 SAMPLER_NAMES = ("euler", "euler_a", "lms", "ddim", "pndm", "dpmpp_2m", "heun")
 SPACINGS = ("leading", "linspace", "trailing")
+SCHEDULE_TYPES = ("spaced", "karras", "exponential", "beta", "sgm_uniform", "ays")
 DTYPE_NAMES = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -56,7 +57,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--sampler", default="euler", help=f"one of {', '.join(SAMPLER_NAMES)} (default: euler)")
     p.add_argument("--spacing", choices=SPACINGS,
                    help="how the steps are spread over the training timesteps (default: the model's; SD: leading)")
-    p.add_argument("--karras", action="store_true", help="Karras noise levels (euler, euler_a, lms, heun, dpmpp_2m)")
+    p.add_argument("--schedule", choices=SCHEDULE_TYPES, default=None,
+                   help="how the steps' noise levels are placed: spaced (at the spaced timesteps), karras, exponential, "
+                        "beta (Lee et al.), sgm_uniform, ays (Align Your Steps); not for ddim and pndm (default: spaced)")
+    p.add_argument("--karras", action="store_true", help="the same as --schedule karras")
     p.add_argument("--eta", type=finite_float, default=None,
                    help="noise added back per step: euler_a default 1, ddim default 0 (deterministic)")
     p.add_argument("--seed", type=int, default=42, help="seed of the first image; image i of the run uses seed + i "
@@ -125,6 +129,8 @@ def check_arguments(args) -> list[str]:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     if args.guidance is not None and args.guidance < 0:
         raise UsageError(f"--guidance must not be negative, got {args.guidance} (use 1 or less to turn guidance off)")
+    if args.karras and args.schedule not in (None, "karras"):
+        raise UsageError(f"--karras is --schedule karras: give one, not --karras with --schedule {args.schedule}")
     if args.sampler not in SAMPLER_NAMES:
         raise UsageError(f"unknown sampler {args.sampler!r}; known: {', '.join(SAMPLER_NAMES)}")
     if args.clip_skip is not None and args.clip_skip < 0:
@@ -180,7 +186,8 @@ def run(args, prompts: list[str]) -> int:
     from sd_scratch.sample import SpeedAndMemory, check_unet_input, generate
 
     try:  # steps, eta, karras: the sampler's own checks, before any weights are loaded
-        plan = samplers.make_plan(args.sampler, args.steps, spacing=args.spacing, karras=args.karras, eta=args.eta)
+        plan = samplers.make_plan(args.sampler, args.steps, spacing=args.spacing, karras=args.karras,
+                                  schedule_type=args.schedule, eta=args.eta)
         if args.init_image is not None:
             samplers.img2img_plan(plan, args.strength or 0.8)
     except ValueError as error:
@@ -191,8 +198,9 @@ def run(args, prompts: list[str]) -> int:
     try:
         model = load_checkpoint(args.checkpoint, device=device, dtype=dtype, prediction_type=args.prediction_type)
         check_unet_input(model)
-        samplers.make_plan(args.sampler, args.steps, spacing=args.spacing, karras=args.karras, eta=args.eta,
-                           prediction_type=model.prediction_type, schedule=model.schedule)
+        samplers.make_plan(args.sampler, args.steps, spacing=args.spacing, karras=args.karras,
+                           schedule_type=args.schedule, eta=args.eta, prediction_type=model.prediction_type,
+                           schedule=model.schedule)
     except (CheckpointError, ValueError) as error:
         raise UsageError(str(error))
     height, width = args.height or model.image_size, args.width or model.image_size
@@ -215,7 +223,7 @@ def run(args, prompts: list[str]) -> int:
     for job, prompt in enumerate(tqdm(jobs, desc="batches", disable=not one_bar)):
         result = generate(model, [prompt] * args.n_samples, args.negative_prompt, steps=args.steps,
                           guidance=guidance, sampler=args.sampler, spacing=args.spacing, karras=args.karras,
-                          eta=args.eta, seed=args.seed + job * args.n_samples, height=height, width=width,
+                          schedule_type=args.schedule, eta=args.eta, seed=args.seed + job * args.n_samples, height=height, width=width,
                           skip_last_layers=args.clip_skip, init_image=init_image,
                           strength=args.strength or 0.8, preview_every=args.save_intermediates, speed=speed,
                           progress=not one_bar)

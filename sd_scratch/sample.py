@@ -112,12 +112,13 @@ def images_to_latents(model: StableDiffusion, images: torch.Tensor, generators: 
 @torch.inference_mode()
 def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: str = "", *, steps: int = 25,
              guidance: float = 7.5, sampler: str = "euler", spacing: str | None = None, karras: bool = False,
-             eta: float | None = None, seed: int = 0, height: int | None = None, width: int | None = None,
+             schedule_type: str | None = None, eta: float | None = None, seed: int = 0, height: int | None = None, width: int | None = None,
              skip_last_layers: int | None = None, init_image: torch.Tensor | None = None, strength: float = 0.8,
              preview_every: int = 0, speed: SpeedAndMemory = SpeedAndMemory(), progress: bool = True) -> Generation:
     """Images for `prompts` (one image per prompt; image i uses seed + i).
 
     spacing: how the steps spread over the training timesteps (None: the model's, "leading" for SD).
+    schedule_type: how the noise levels are placed (schedule.SCHEDULE_TYPES); karras=True is "karras".
     eta: noise added back at each step; None means the sampler's usual value (euler_a: 1, ddim: 0).
     skip_last_layers: "CLIP skip", text encoder layers not run (None: the model's own).
     init_image: (B or 1, 3, H, W) in [-1, 1] for image-to-image, noised to `strength` (1 = pure noise).
@@ -139,7 +140,7 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
     release_weights(model.text_encoder)  # done with it: weights still in the file need no memory now
 
     # 2. The sampler's walk down the noise levels
-    plan = samplers.make_plan(sampler, steps, spacing=spacing, karras=karras, eta=eta,
+    plan = samplers.make_plan(sampler, steps, spacing=spacing, karras=karras, schedule_type=schedule_type, eta=eta,
                               prediction_type=model.prediction_type, schedule=model.schedule)
 
     # 3. The starting latents: pure noise, or the encoded image noised to the strength's level
@@ -169,18 +170,25 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
     # 5. Latents -> pixels -> PIL images
     release_weights(model.unet)
     images = latents_to_images(model, latents, speed.tiled_decode)
-    settings = dict(steps=steps, guidance=guidance, sampler=sampler, spacing=spacing, karras=karras, eta=eta,
-                    height=height, width=width, skip_last_layers=skip_last_layers,
+    settings = dict(steps=steps, guidance=guidance, sampler=sampler, spacing=spacing, schedule_type=plan.schedule_type,
+                    eta=eta, height=height, width=width, skip_last_layers=skip_last_layers,
                     strength=None if init_image is None else strength)
     return Generation(images, to_pil(images), describe(model, prompts, negative_prompt, seed, **settings), previews)
 
 
+# The schedule types as AUTOMATIC1111's "Schedule type" field names them ("spaced", the default, is left out).
+SCHEDULE_LABELS = {"karras": "Karras", "exponential": "Exponential", "beta": "Beta", "sgm_uniform": "SGM Uniform",
+                   "ays": "Align Your Steps"}
+
+
 def describe(model: StableDiffusion, prompts: list[str], negative_prompt: str, seed: int, *, steps, guidance,
-             sampler, spacing, karras, eta, height, width, skip_last_layers, strength) -> list[str]:
+             sampler, spacing, schedule_type, eta, height, width, skip_last_layers, strength) -> list[str]:
     """Each image's `parameters` text: its prompt and what made it, in AUTOMATIC1111's names."""
     skip = model.skip_last_layers if skip_last_layers is None else skip_last_layers
-    settings = {"Steps": steps, "Sampler": samplers.SAMPLERS[sampler].label + (" Karras" if karras else ""),
-                "CFG scale": guidance, "Seed": None, "Size": f"{width}x{height}", "Model": Path(model.source).stem}
+    settings = {"Steps": steps, "Sampler": samplers.SAMPLERS[sampler].label}
+    if schedule_type in SCHEDULE_LABELS:
+        settings["Schedule type"] = SCHEDULE_LABELS[schedule_type]
+    settings |= {"CFG scale": guidance, "Seed": None, "Size": f"{width}x{height}", "Model": Path(model.source).stem}
     if skip:
         settings["Clip skip"] = skip + 1  # the web UIs count the last layer as 1
     if strength is not None:

@@ -48,7 +48,7 @@ class Plan:
     name: str
     num_steps: int
     spacing: str
-    karras: bool
+    schedule_type: str  # how the noise levels are placed: schedule.SCHEDULE_TYPES
     eta: float
     prediction_type: str
     view: str  # "sigma" or "alpha": how x holds its noise (above)
@@ -73,12 +73,12 @@ class Sampler:
 
     label: str  # as image browsers and the web UIs name it ("Euler a", "DPM++ 2M")
     view: str  # "sigma" or "alpha"
-    grid: Callable  # (num_steps, spacing, karras, schedule) -> (timesteps, sigmas or None): see schedule.py
+    grid: Callable  # (num_steps, spacing, schedule_type, schedule) -> (timesteps, sigmas or None): see schedule.py
     denoised: Callable  # (plan, i, x, model_output) -> the clean-latent estimate x0 at call i
     step: Callable  # (plan, i, x, model_output, state, generators) -> (x at the next level, next state)
     initial_state: object = None  # the empty history of the first call (None: the sampler keeps none)
     default_eta: float | None = None  # for samplers that add fresh noise: how much unless told (None: no eta)
-    takes_karras: bool = True  # whether Karras sigmas apply (not to the timestep grid of DDIM and PNDM)
+    schedule_types: tuple[str, ...] = noise_schedule.SCHEDULE_TYPES  # the placements of noise levels it walks
     calls_per_step: int = 1  # UNet calls per step (Heun: 2), diffusers' scheduler.order
 
 
@@ -96,6 +96,7 @@ def make_plan(
     *,
     spacing: str | None = None,
     karras: bool = False,
+    schedule_type: str | None = None,
     eta: float | None = None,
     prediction_type: str = "epsilon",
     schedule: noise_schedule.ScheduleConfig | None = None,
@@ -104,7 +105,8 @@ def make_plan(
 
     spacing: how the steps spread over the training timesteps; None means the schedule's own
     (SD 1.x/2.x: "leading").
-    karras: use Karras et al.'s sigmas (rho = 7) instead of the spacing (sigma-based samplers only).
+    schedule_type: how the noise levels are placed (schedule.SCHEDULE_TYPES; None: "spaced", the levels of
+    the spaced timesteps). karras=True is schedule_type="karras": Karras et al.'s sigmas (rho = 7).
     eta: how much fresh noise ancestral samplers add. None means the sampler's usual value: 1 for
     euler_a (what diffusers' EulerAncestralDiscreteScheduler does), 0 for ddim.
     schedule: the model's training schedule (default SD 1.x/2.x's).
@@ -120,11 +122,19 @@ def make_plan(
         raise ValueError(f"unknown spacing {spacing!r}; known: {', '.join(noise_schedule.SPACINGS)}")
     noise_schedule.check_num_steps(num_steps, schedule)
     eta = _check_eta(name, sampler, eta)
-    if karras and not sampler.takes_karras:
-        raise ValueError(f"karras sigmas need a sigma-based sampler, not {name!r}")
+    if karras and schedule_type not in (None, "karras"):
+        raise ValueError(f"karras asks for the 'karras' schedule type, and schedule_type asks for {schedule_type!r}")
+    schedule_type = "karras" if karras else schedule_type or "spaced"
+    if schedule_type not in noise_schedule.SCHEDULE_TYPES:
+        raise ValueError(f"unknown schedule type {schedule_type!r}; known: {', '.join(noise_schedule.SCHEDULE_TYPES)}")
+    if schedule_type not in sampler.schedule_types:
+        if schedule_type == "karras":
+            raise ValueError(f"karras sigmas need a sigma-based sampler, not {name!r}")
+        raise ValueError(f"{name!r} walks the {' or '.join(map(repr, sampler.schedule_types))} schedule, "
+                         f"not {schedule_type!r}")
 
     alphas_cumprod = noise_schedule.alphas_cumprod(schedule)
-    timesteps, sigmas = sampler.grid(num_steps, spacing, karras, schedule)
+    timesteps, sigmas = sampler.grid(num_steps, spacing, schedule_type, schedule)
     if sampler.view == "sigma":
         # Start from pure noise at the top sigma. diffusers uses sqrt(sigma_max**2 + 1), the spread
         # of x0 + sigma * noise for unit-variance x0, when the spacing is "leading".
@@ -136,7 +146,7 @@ def make_plan(
         name=name,
         num_steps=num_steps,
         spacing=spacing,
-        karras=bool(karras),
+        schedule_type=schedule_type,
         eta=eta,
         prediction_type=prediction_type,
         view=sampler.view,
@@ -434,7 +444,7 @@ def step_ddim(plan, i, x, model_output, state, generators):
 
 
 SAMPLERS["ddim"] = Sampler("DDIM", "alpha", noise_schedule.timestep_grid, denoised_at_timestep, step_ddim,
-                           default_eta=0.0, takes_karras=False)
+                           default_eta=0.0, schedule_types=("spaced",))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,9 +486,9 @@ def plms_combined_output(model_outputs):
     return (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3]) / 24
 
 
-def plms_grid(num_steps, spacing, karras, schedule):
+def plms_grid(num_steps, spacing, schedule_type, schedule):
     """The timestep grid with the second timestep visited twice, for the "redo_first" stage."""
-    timesteps, _ = noise_schedule.timestep_grid(num_steps, spacing, karras, schedule)
+    timesteps, _ = noise_schedule.timestep_grid(num_steps, spacing, schedule_type, schedule)
     if num_steps > 1:
         timesteps = torch.cat([timesteps[:2], timesteps[1:]])
     return timesteps, None
@@ -501,7 +511,7 @@ def step_pndm(plan, i, x, model_output, state, generators):
 
 
 SAMPLERS["pndm"] = Sampler("PLMS", "alpha", plms_grid, denoised_at_timestep, step_pndm, PlmsState(),
-                           takes_karras=False)
+                           schedule_types=("spaced",))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -579,10 +589,10 @@ def heun_corrector_step(x_start, derivative_start, x_predicted, denoised_predict
     return x_start + (derivative_start + derivative_end) / 2 * (sigma_next - sigma)
 
 
-def heun_grid(num_steps, spacing, karras, schedule):
+def heun_grid(num_steps, spacing, schedule_type, schedule):
     """Two UNet calls per step: at t_k (predictor), then at t_{k+1} where the predictor landed
     (corrector). The last step goes to sigma = 0 and is plain Euler."""
-    timesteps, sigmas = noise_schedule.sigma_grid(num_steps, spacing, karras, schedule)
+    timesteps, sigmas = noise_schedule.sigma_grid(num_steps, spacing, schedule_type, schedule)
     sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
     timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)])
     return timesteps, sigmas

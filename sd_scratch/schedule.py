@@ -19,12 +19,17 @@ the samplers walk. The numbers are computed exactly as diffusers computes them (
 timestep grids in numpy float64), so that our timesteps and sigmas agree with it bit for bit.
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 SPACINGS = ("leading", "linspace", "trailing")
+# How the noise levels of the steps are chosen: "spaced" reads them off the spaced timesteps; the others
+# place them by a rule of their own, between the levels the spacing would start and end at ("sgm_uniform"
+# and "ays" over the whole training range).
+SCHEDULE_TYPES = ("spaced", "karras", "exponential", "beta", "sgm_uniform", "ays")
 
 
 @dataclass(frozen=True)
@@ -145,48 +150,159 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 
 
+def exponential_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np.ndarray:
+    """Evenly spaced in log sigma (k-diffusion's get_sigmas_exponential): every step shrinks sigma by one factor."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, num_steps: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+    """Lee et al. 2024 ("Beta Sampling is All You Need"): the levels at the quantiles of a Beta(0.6, 0.6)
+    distribution, evenly spaced in probability, mapped linearly onto [sigma_min, sigma_max] (as diffusers'
+    use_beta_sigmas). Beta(0.6, 0.6) is U-shaped, so the steps crowd at both ends of the walk."""
+    quantiles = [beta_quantile(p, alpha, beta) for p in 1 - np.linspace(0, 1, num_steps)]
+    return np.array([sigma_min + q * (sigma_max - sigma_min) for q in quantiles])
+
+
+def sgm_uniform_sigmas(num_steps: int, schedule: ScheduleConfig = SD15_SCHEDULE) -> np.ndarray:
+    """The levels at timesteps evenly spaced over the whole training range, from T - 1 down to (not
+    including) 0, read between training steps log-linearly: A1111's and ComfyUI's "SGM Uniform"."""
+    timesteps = np.linspace(schedule.num_train_timesteps - 1, 0, num_steps + 1)[:-1]
+    log_sigmas = np.log(sigmas(schedule).numpy().astype(np.float64))
+    low = np.floor(timesteps).astype(np.int64)
+    high = np.minimum(low + 1, len(log_sigmas) - 1)
+    weight = timesteps - low
+    return np.exp((1 - weight) * log_sigmas[low] + weight * log_sigmas[high])
+
+
+# Align Your Steps (Sabour et al. 2024): the 10-step schedule NVIDIA optimised for SD 1.5, as the
+# training timesteps it published (11 points; the walk goes from the 10th to 0, the 11th is not walked).
+AYS_SD15_TIMESTEPS = (999, 850, 736, 645, 545, 455, 343, 233, 124, 24, 0)
+
+
+def ays_sigmas(num_steps: int, schedule: ScheduleConfig = SD15_SCHEDULE,
+               timesteps: tuple[int, ...] = AYS_SD15_TIMESTEPS) -> np.ndarray:
+    """The training sigmas at the published timesteps, or, for another step count, their log-linear
+    interpolation onto num_steps + 1 evenly spaced points (as NVIDIA's how-to and ComfyUI do); the last
+    point, where the walk ends at 0, is dropped."""
+    levels = sigmas(schedule).numpy().astype(np.float64)[list(timesteps)]
+    if num_steps + 1 != len(levels):
+        positions = np.linspace(0, 1, len(levels))
+        wanted = np.linspace(0, 1, num_steps + 1)
+        levels = np.exp(np.interp(wanted, positions, np.log(levels[::-1])))[::-1]
+    return levels[:-1]
+
+
+def noise_levels(schedule_type: str, sigma_min: float, sigma_max: float, num_steps: int,
+                 schedule: ScheduleConfig = SD15_SCHEDULE) -> np.ndarray:
+    """num_steps levels, noisiest first, by the rule `schedule_type` names (not "spaced")."""
+    if schedule_type == "karras":
+        return karras_sigmas(sigma_min, sigma_max, num_steps)
+    if schedule_type == "exponential":
+        return exponential_sigmas(sigma_min, sigma_max, num_steps)
+    if schedule_type == "beta":
+        return beta_sigmas(sigma_min, sigma_max, num_steps)
+    if schedule_type == "sgm_uniform":
+        return sgm_uniform_sigmas(num_steps, schedule)
+    if schedule_type == "ays":
+        training = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
+        if any(getattr(schedule, name) != getattr(SD15_SCHEDULE, name) for name in training):
+            raise ValueError("the Align Your Steps levels were fitted to SD's training schedule, not to this model's")
+        return ays_sigmas(num_steps, schedule)
+    raise ValueError(f"unknown schedule type {schedule_type!r}; known: {', '.join(SCHEDULE_TYPES)}")
+
+
+def beta_quantile(p: float, a: float, b: float) -> float:
+    """The x with I_x(a, b) = p (the inverse of the regularized incomplete beta function), by bisection:
+    I_x grows with x, and 60 halvings of [0, 1] leave an interval below float64's resolution."""
+    if p <= 0 or p >= 1:
+        return float(p >= 1)  # the ends exactly (near them I_x can reach 1.0 in floating point early)
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if regularized_incomplete_beta(middle, a, b) < p else (low, middle)
+    return (low + high) / 2
+
+
+def regularized_incomplete_beta(x: float, a: float, b: float) -> float:
+    """I_x(a, b), the cumulative distribution of Beta(a, b) at x, from its continued fraction
+    (Press et al., "Numerical Recipes", sec. 6.4):
+
+        I_x(a, b) = x^a (1 - x)^b / (a B(a, b)) / g,   g = 1 + d_1 / (1 + d_2 / (1 + d_3 / ...))
+        d_2m+1 = -(a + m)(a + b + m) x / ((a + 2m)(a + 2m + 1)),   d_2m = m (b - m) x / ((a + 2m - 1)(a + 2m))
+
+    g is evaluated front to back by Lentz's method. The fraction converges fast below
+    x = (a + 1) / (a + b + 2); above it, I_x(a, b) = 1 - I_(1-x)(b, a) is used instead.
+    """
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):
+        return 1 - regularized_incomplete_beta(1 - x, b, a)
+    log_front = a * math.log(x) + b * math.log1p(-x) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+    tiny = 1e-300  # keeps Lentz's ratios off zero
+    g, c, d = 1.0, 1.0, 0.0
+    for j in range(1, 400):
+        m = j // 2
+        if j % 2:
+            term = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        else:
+            term = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        d = 1 + term * d
+        d = 1 / (d if abs(d) > tiny else tiny)
+        c = 1 + term / c
+        c = c if abs(c) > tiny else tiny
+        g *= c * d
+        if abs(c * d - 1) < 1e-15:
+            break
+    return math.exp(log_front) / (a * g)
+
+
 # --------------------------------------------------------------------------------------------------
-# The three grids the samplers walk. Each takes (num_steps, spacing, karras, schedule) and returns
+# The grids the samplers walk. Each takes (num_steps, spacing, schedule_type, schedule) and returns
 # (timesteps given to the UNet, noise levels or None), in the dtypes diffusers uses.
 
 
-def sigma_grid(num_steps: int, spacing: str, karras: bool, schedule: ScheduleConfig = SD15_SCHEDULE):
+def sigma_grid(num_steps: int, spacing: str, schedule_type: str, schedule: ScheduleConfig = SD15_SCHEDULE):
     """k-diffusion's grid (diffusers' Euler, LMS, Heun): the spaced timesteps, fractional, as float32,
     and the sigma at each, then 0, where the last step lands.
 
-    karras: the sigmas of Karras et al. 2022 between the spaced grid's first and last sigma instead,
-    with the (fractional) timestep of each.
+    Another schedule type places the levels by its own rule, between the first and the last sigma of the
+    spaced grid ("sgm_uniform" and "ays" over their own range), each with its fractional timestep.
     """
     timesteps = spaced_timesteps(num_steps, spacing, schedule).astype(np.float32)
     levels = sigmas_at(timesteps, schedule)
-    if karras:
-        levels = karras_sigmas(levels[-1].item(), levels[0].item(), num_steps)
+    if schedule_type != "spaced":
+        levels = noise_levels(schedule_type, levels[-1].item(), levels[0].item(), num_steps, schedule)
         timesteps = sigma_to_timestep(levels, schedule).astype(np.float32)
     return torch.from_numpy(timesteps), torch.from_numpy(np.append(levels, 0.0).astype(np.float32))
 
 
-def dpm_solver_grid(num_steps: int, spacing: str, karras: bool, schedule: ScheduleConfig = SD15_SCHEDULE):
+def dpm_solver_grid(num_steps: int, spacing: str, schedule_type: str, schedule: ScheduleConfig = SD15_SCHEDULE):
     """diffusers' DPMSolverMultistepScheduler's grid: whole timesteps, and the sigma at each, then 0.
 
-    It spaces num_steps + 1 points and drops the last (t = 0) for "leading" and "linspace". With
-    karras, Karras sigmas span the whole training range and each is given its nearest whole timestep.
+    It spaces num_steps + 1 points and drops the last (t = 0) for "leading" and "linspace". Another
+    schedule type spans the whole training range; its timesteps are the nearest whole ones for
+    "karras" (and, with no diffusers to follow, "sgm_uniform" and "ays"), and cut to whole ones for
+    "exponential" and "beta", as diffusers does.
     """
-    if karras:
-        training_sigmas = sigmas(schedule)
-        levels = karras_sigmas(training_sigmas[0].item(), training_sigmas[-1].item(), num_steps)
-        timesteps = sigma_to_timestep(levels, schedule).round()
-    else:
+    if schedule_type == "spaced":
         if spacing == "trailing":
             timesteps = spaced_timesteps(num_steps, spacing, schedule)
         else:
             timesteps = spaced_timesteps(num_steps + 1, spacing, schedule)[:-1]
         timesteps = timesteps.round()
         levels = sigmas_at(timesteps, schedule)
+    else:
+        training_sigmas = sigmas(schedule)
+        levels = noise_levels(schedule_type, training_sigmas[0].item(), training_sigmas[-1].item(), num_steps,
+                              schedule)
+        timesteps = sigma_to_timestep(levels, schedule)
+        if schedule_type not in ("exponential", "beta"):
+            timesteps = timesteps.round()
     return (torch.from_numpy(timesteps.astype(np.int64)),
             torch.from_numpy(np.append(levels, 0.0).astype(np.float32)))
 
 
-def timestep_grid(num_steps: int, spacing: str, karras: bool, schedule: ScheduleConfig = SD15_SCHEDULE):
+def timestep_grid(num_steps: int, spacing: str, schedule_type: str, schedule: ScheduleConfig = SD15_SCHEDULE):
     """The grid of DDIM and PNDM: whole timesteps only (int64); their steps read alpha_bar off the
-    training schedule at t and t - T // num_steps, so there are no sigmas. (karras does not apply.)"""
+    training schedule at t and t - T // num_steps, so there are no sigmas (and only the "spaced" type)."""
     return torch.from_numpy(spaced_timesteps(num_steps, spacing, schedule).round().astype(np.int64)), None

@@ -15,10 +15,17 @@ from diffusers import (
 SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 
 
-def reference_scheduler(name: str, spacing: str = "leading", karras: bool = False, prediction_type: str = "epsilon"):
+# sd_scratch's schedule types and the flags diffusers' schedulers name them by.
+SCHEDULE_FLAGS = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas", "beta": "use_beta_sigmas"}
+
+
+def reference_scheduler(name: str, spacing: str = "leading", karras: bool = False, prediction_type: str = "epsilon",
+                        schedule_type: str = "spaced"):
     config = dict(SD15, timestep_spacing=spacing, prediction_type=prediction_type)
     if karras:
-        config["use_karras_sigmas"] = True
+        schedule_type = "karras"
+    if schedule_type != "spaced":
+        config[SCHEDULE_FLAGS[schedule_type]] = True
     if name == "ddim":
         return DDIMScheduler(**config, clip_sample=False, set_alpha_to_one=False)
     if name == "pndm":

@@ -40,7 +40,7 @@ def test_cli_writes_pngs_with_parameters_and_a_grid(checkpoint, tmp_path):
     assert read_parameters(tmp_path / "sample-00001.png") == (
         "a green square on a white background\n"
         "Negative prompt: red\n"
-        "Steps: 4, Sampler: DPM++ 2M Karras, CFG scale: 5.0, Seed: 124, Size: 40x24, Model: small_sd"
+        "Steps: 4, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.0, Seed: 124, Size: 40x24, Model: small_sd"
     )
 
 
@@ -55,6 +55,14 @@ def test_same_seed_same_pixels_and_batches_split_by_seed(checkpoint, tmp_path):
     # image 1 of the batch of two from seed 5 is the single image from seed 6 (up to batched rounding)
     assert np.abs(pixels(tmp_path / "a" / "sample-00001.png") - pixels(tmp_path / "c" / "sample-00000.png")).max() <= 1
     assert not np.array_equal(first, pixels(tmp_path / "a" / "sample-00001.png"))
+
+
+@pytest.mark.parametrize("schedule, label", [("exponential", "Exponential"), ("beta", "Beta"),
+                                             ("sgm_uniform", "SGM Uniform"), ("ays", "Align Your Steps")])
+def test_the_schedule_type_is_taken_and_recorded_as_a1111_names_it(checkpoint, tmp_path, schedule, label):
+    assert main(["--checkpoint", str(checkpoint), "--steps", "3", "--sampler", "dpmpp_2m", "--schedule", schedule,
+                 "--outdir", str(tmp_path)]) == 0
+    assert f"Sampler: DPM++ 2M, Schedule type: {label}, CFG scale" in read_parameters(tmp_path / "sample-00000.png")
 
 
 def test_existing_files_are_never_overwritten(checkpoint, tmp_path):
@@ -115,6 +123,9 @@ def test_long_prompt_warns_with_the_dropped_words(checkpoint, tmp_path):
     (["--eta", "-0.1"], "eta must be >= 0"),
     (["--steps", "1001"], "num_steps 1001 is more than the 1000 training timesteps"),
     (["--sampler", "ddim", "--karras"], "karras sigmas need a sigma-based sampler"),
+    (["--sampler", "pndm", "--schedule", "ays"], "'pndm' walks the 'spaced' schedule, not 'ays'"),
+    (["--schedule", "cosine"], "argument --schedule: invalid choice: 'cosine'"),
+    (["--karras", "--schedule", "beta"], "--karras is --schedule karras"),
     (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
     (["--clip-skip", "9"], "--clip-skip 9 leaves no text encoder layer"),
 ])
