@@ -29,6 +29,7 @@ registers it. The grids of timesteps and sigmas are schedule maths and live in s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -612,6 +613,83 @@ def step_heun(plan, i, x, model_output, state, generators):
 
 
 SAMPLERS["heun"] = Sampler("Heun", "sigma", heun_grid, denoised_at_sigma, step_heun, HeunState(), calls_per_step=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# DPM2 and DPM2 ancestral: k-diffusion's sample_dpm_2 and sample_dpm_2_ancestral, "inspired by
+# DPM-Solver-2" (Lu et al. 2022) and Karras et al. 2022's Algorithm 2. Like Heun, two UNet calls per
+# step, but the second is at the step's midpoint in log sigma, and its slope alone takes the whole step:
+#   "first"   an Euler step from (x, sigma) to the midpoint sigma_mid = sqrt(sigma * sigma_next);
+#   "second"  the slope there, d_mid, applied from the start: x_next = x + d_mid * (sigma_next - sigma).
+# The ancestral variant walks to sigma_down (midpoint between sigma and sigma_down) and then adds fresh
+# noise of size sigma_up, as euler_a does at eta = 1 (the only eta here, as in diffusers). The last step,
+# down to 0, is one Euler step (its midpoint is 0).
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class MidpointState:
+    stage: str = "first"
+    # Between the two calls: where the step started, and at which sigma.
+    x_start: torch.Tensor | None = None
+    sigma_start: torch.Tensor | None = None
+
+
+def log_midpoint(sigma, sigma_next):
+    """The midpoint of the step in log sigma, exp((log sigma + log sigma_next) / 2); 0 when sigma_next is 0.
+    (Interpolated from sigma_next's end, as diffusers' KDPM2 does, so that the floats agree bit for bit.)"""
+    return sigma_next.log().lerp(sigma.log(), 0.5).exp()
+
+
+def dpm2_grid(num_steps, spacing, schedule_type, schedule, ancestral=False):
+    """k-diffusion's levels with each step's midpoint between them: sigmas [s0, m0, s1, m1, ..., s_N-1, 0], the
+    midpoint between s_k and s_k+1 (ancestral: s_k's sigma_down), and the timestep of each (diffusers' KDPM2:
+    Karras timesteps rounded; float64 when not "spaced"). The last step's midpoint, 0, is not called."""
+    timesteps, sigmas = noise_schedule.sigma_grid(num_steps, spacing, schedule_type, schedule)
+    if schedule_type != "spaced":
+        timesteps = timesteps.double()
+        if schedule_type == "karras":
+            timesteps = timesteps.round()
+    sigma, sigma_next = sigmas[:-1], sigmas[1:]
+    if ancestral:  # each step's sigma_down (ancestral_sigmas at eta = 1, for every step at once), from its start
+        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+        midpoints = sigma.log().lerp(((sigma_next**2 - sigma_up**2) ** 0.5).log(), 0.5).exp()
+    else:
+        midpoints = log_midpoint(sigma, sigma_next)
+    midpoint_timesteps = torch.from_numpy(noise_schedule.sigma_to_timestep(midpoints[:-1].numpy(), schedule))
+    calls = torch.stack([sigmas[:-1], midpoints], dim=1).flatten()[:-1]
+    call_timesteps = torch.stack([timesteps[:-1], midpoint_timesteps.to(timesteps.dtype)], dim=1).flatten()
+    return torch.cat([call_timesteps, timesteps[-1:]]), torch.cat([calls, sigmas[-1:]])
+
+
+def step_dpm2(plan, i, x, model_output, state, generators):
+    return _dpm2_stage(plan, i, x, model_output, state, generators, ancestral=False)
+
+
+def step_dpm2_ancestral(plan, i, x, model_output, state, generators):
+    return _dpm2_stage(plan, i, x, model_output, state, generators, ancestral=True)
+
+
+def _dpm2_stage(plan, i, x, model_output, state, generators, ancestral):
+    sigma = plan.sigmas[i]
+    derivative = (x - denoised_at_sigma(plan, i, x, model_output)) / sigma
+    if state.stage == "first":  # to the midpoint, plan.sigmas[i + 1] (0 at the last step: plain Euler)
+        x_next = x + derivative * (plan.sigmas[i + 1] - sigma)
+        if plan.sigmas[i + 1] == 0:
+            return x_next, MidpointState()
+        return x_next, MidpointState("second", x, sigma)
+    # at the midpoint: the whole step from where it started, with the midpoint's slope
+    sigma_start, sigma_next = state.sigma_start, plan.sigmas[i + 1]
+    if not ancestral:
+        return state.x_start + derivative * (sigma_next - sigma_start), MidpointState()
+    sigma_down, sigma_up = ancestral_sigmas(sigma_start, sigma_next)
+    noise = draw_noise(model_output.shape, generators, model_output.device, model_output.dtype)
+    return state.x_start + derivative * (sigma_down - sigma_start) + noise * sigma_up, MidpointState()
+
+
+SAMPLERS["dpm2"] = Sampler("DPM2", "sigma", dpm2_grid, denoised_at_sigma, step_dpm2, MidpointState(), calls_per_step=2)
+SAMPLERS["dpm2_a"] = Sampler("DPM2 a", "sigma", functools.partial(dpm2_grid, ancestral=True), denoised_at_sigma,
+                             step_dpm2_ancestral, MidpointState(), calls_per_step=2)
 
 
 SAMPLER_NAMES = tuple(SAMPLERS)

@@ -6,6 +6,8 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
 )
@@ -37,7 +39,8 @@ def reference_scheduler(name: str, spacing: str = "leading", karras: bool = Fals
 
 CLASSES = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler, "lms": LMSDiscreteScheduler,
            "heun": HeunDiscreteScheduler, "ddim": DDIMScheduler, "pndm": PNDMScheduler,
-           "dpmpp_2m": DPMSolverMultistepScheduler}
+           "dpmpp_2m": DPMSolverMultistepScheduler, "dpm2": KDPM2DiscreteScheduler,
+           "dpm2_a": KDPM2AncestralDiscreteScheduler}
 
 
 def scheduler_from_config(name: str, config: dict):

@@ -26,7 +26,7 @@ def test_the_incomplete_beta_function_and_its_inverse_equal_scipys():
 
 @pytest.mark.parametrize("num_steps", STEP_COUNTS)
 @pytest.mark.parametrize("schedule_type", DIFFUSERS_TYPES)
-@pytest.mark.parametrize("name", ["euler", "lms", "heun", "dpmpp_2m"])
+@pytest.mark.parametrize("name", ["euler", "lms", "heun", "dpmpp_2m", "dpm2", "dpm2_a"])
 def test_trajectory_on_diffusers_schedule_types(name, schedule_type, num_steps):
     plan = samplers.make_plan(name, num_steps, schedule_type=schedule_type)
     reference = reference_scheduler(name, schedule_type=schedule_type)
@@ -37,7 +37,7 @@ def test_trajectory_on_diffusers_schedule_types(name, schedule_type, num_steps):
         reference.set_begin_index(0)
     assert plan.timesteps.dtype == reference.timesteps.dtype
     # the beta quantiles are ours, not scipy's: equal to 1e-13, which can move a float32 timestep by one ulp
-    torch.testing.assert_close(plan.timesteps, reference.timesteps, rtol=1e-6, atol=0)
+    torch.testing.assert_close(plan.timesteps, reference.timesteps, rtol=1e-6, atol=1e-4)
     noise = start_noise()
     ours = run_ours(plan, noise * plan.init_noise_sigma, generators(1, 2))
     theirs = run_reference(reference, noise * reference.init_noise_sigma, generators(1, 2))
