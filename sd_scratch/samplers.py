@@ -169,7 +169,7 @@ def _check_eta(name, sampler, eta):
         raise ValueError(f"eta must be >= 0, got {eta}")
     if eta > 0 and sampler.default_eta is None:
         takers = [n for n, s in SAMPLERS.items() if s.default_eta is not None]
-        raise ValueError(f"eta only applies to {' and '.join(map(repr, takers))}, not {name!r}")
+        raise ValueError(f"eta only applies to {', '.join(map(repr, takers))}, not {name!r}")
     return float(eta)
 
 
@@ -690,6 +690,101 @@ def _dpm2_stage(plan, i, x, model_output, state, generators, ancestral):
 SAMPLERS["dpm2"] = Sampler("DPM2", "sigma", dpm2_grid, denoised_at_sigma, step_dpm2, MidpointState(), calls_per_step=2)
 SAMPLERS["dpm2_a"] = Sampler("DPM2 a", "sigma", functools.partial(dpm2_grid, ancestral=True), denoised_at_sigma,
                              step_dpm2_ancestral, MidpointState(), calls_per_step=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# DPM++ 2M SDE and 3M SDE: the stochastic DPM-Solver++ of Lu et al. 2022 ("DPM-Solver++", sec. 5), as
+# k-diffusion's sample_dpmpp_2m_sde and sample_dpmpp_3m_sde write it, with eta: 0 is the ODE (DPM++ 2M),
+# 1 the SDE that diffusers (algorithm_type "sde-dpmsolver++") and the web UIs run. Like DPM++ 2M: x in the
+# alpha view on the same grid, lambda = log(alpha / noise), h = lambda_next - lambda. One step:
+#
+#     x_next = (noise_next / noise) e^(-eta h) x + alpha_next (1 - e^(-h_eta)) D0 + correction
+#              + noise_next sqrt(1 - e^(-2 eta h)) z,            h_eta = (1 + eta) h, z ~ N(0, I)
+#
+# D0 is this call's x0 estimate; the correction extrapolates along the previous ones (none at the first
+# step, nor on the last, which lands on x0 itself):
+#   2M, midpoint:  0.5 alpha_next (1 - e^(-h_eta)) D1           D1 = (D0 - D0_previous) / r, r = h_previous / h
+#   2M, Heun:      alpha_next phi_2 D1                           phi_2 = 1 - (1 - e^(-h_eta)) / h_eta
+#   3M:            alpha_next phi_2 D1' - alpha_next phi_3 D2    phi_3 = phi_2 / h_eta - 0.5, with D1' and D2
+#                  the first and second divided differences of the last three estimates (2M Heun with two)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class SdeMultistepState:
+    denoised: tuple = ()  # the x0 estimates of the last calls, oldest first (at most two) ...
+    sigmas: tuple = ()  # ... and the noise levels they were made at
+
+
+def half_log_snr(sigma):
+    """lambda = log(alpha / noise level) = -log(sigma): half the log signal-to-noise ratio."""
+    alpha, noise = alpha_and_noise_level(sigma)
+    return torch.log(alpha) - torch.log(noise)
+
+
+def dpmpp_sde_step(x, denoised_history, sigma_history, sigma_next, eta, noise, correction):
+    """One step as the section's comment writes it. The histories end with this call's estimate and level."""
+    denoised, sigma = denoised_history[-1], sigma_history[-1]
+    alpha_next, noise_next = alpha_and_noise_level(sigma_next)
+    if sigma_next == 0:  # the walk's end: x0 itself
+        return alpha_next * denoised
+    _, noise_level = alpha_and_noise_level(sigma)
+    lambdas = [half_log_snr(s) for s in sigma_history]
+    h = half_log_snr(sigma_next) - lambdas[-1]
+    h_eta = (1 + eta) * h
+    x_next = (noise_next / noise_level * torch.exp(-eta * h)) * x + (alpha_next * (1 - torch.exp(-h_eta))) * denoised
+    phi_2 = (torch.exp(-h_eta) - 1) / h_eta + 1
+    if len(denoised_history) == 3 and correction == "3m":
+        r0, r1 = (lambdas[-1] - lambdas[-2]) / h, (lambdas[-2] - lambdas[-3]) / h
+        d1_0 = (denoised - denoised_history[-2]) / r0
+        d1_1 = (denoised_history[-2] - denoised_history[-3]) / r1
+        d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+        d2 = (d1_0 - d1_1) / (r0 + r1)
+        phi_3 = phi_2 / h_eta - 0.5
+        x_next = x_next + (alpha_next * phi_2) * d1 - (alpha_next * phi_3) * d2
+    elif len(denoised_history) >= 2:
+        d1 = (1.0 / ((lambdas[-1] - lambdas[-2]) / h)) * (denoised - denoised_history[-2])
+        if correction == "midpoint":
+            x_next = x_next + 0.5 * (alpha_next * (1 - torch.exp(-h_eta))) * d1
+        else:  # "heun", and "3m" with only two estimates
+            x_next = x_next + (alpha_next * phi_2) * d1
+    if eta > 0:
+        x_next = x_next + noise_next * torch.sqrt(1.0 - torch.exp(-2 * eta * h)) * noise
+    return x_next
+
+
+def _step_dpmpp_sde_multistep(plan, i, x, model_output, state, generators, correction, history):
+    sigma = plan.sigmas[i]
+    denoised = denoised_dpm(plan, i, x, model_output)
+    denoised_history = (*state.denoised, denoised)[-history:]
+    sigma_history = (*state.sigmas, sigma)[-history:]
+    noise = None
+    if plan.eta > 0 and plan.sigmas[i + 1] > 0:
+        noise = draw_noise(model_output.shape, generators, model_output.device, torch.float32)
+    x_next = dpmpp_sde_step(x.to(torch.float32), denoised_history, sigma_history, plan.sigmas[i + 1], plan.eta, noise,
+                            correction)
+    kept = history - 1  # what the next call extrapolates along
+    return x_next.to(model_output.dtype), SdeMultistepState(denoised_history[-kept:], sigma_history[-kept:])
+
+
+def step_dpmpp_2m_sde(plan, i, x, model_output, state, generators):
+    return _step_dpmpp_sde_multistep(plan, i, x, model_output, state, generators, "midpoint", history=2)
+
+
+def step_dpmpp_2m_sde_heun(plan, i, x, model_output, state, generators):
+    return _step_dpmpp_sde_multistep(plan, i, x, model_output, state, generators, "heun", history=2)
+
+
+def step_dpmpp_3m_sde(plan, i, x, model_output, state, generators):
+    return _step_dpmpp_sde_multistep(plan, i, x, model_output, state, generators, "3m", history=3)
+
+
+SAMPLERS["dpmpp_2m_sde"] = Sampler("DPM++ 2M SDE", "alpha", noise_schedule.dpm_solver_grid, denoised_dpm,
+                                   step_dpmpp_2m_sde, SdeMultistepState(), default_eta=1.0)
+SAMPLERS["dpmpp_2m_sde_heun"] = Sampler("DPM++ 2M SDE Heun", "alpha", noise_schedule.dpm_solver_grid, denoised_dpm,
+                                        step_dpmpp_2m_sde_heun, SdeMultistepState(), default_eta=1.0)
+SAMPLERS["dpmpp_3m_sde"] = Sampler("DPM++ 3M SDE", "alpha", noise_schedule.dpm_solver_grid, denoised_dpm,
+                                   step_dpmpp_3m_sde, SdeMultistepState(), default_eta=1.0)
 
 
 SAMPLER_NAMES = tuple(SAMPLERS)

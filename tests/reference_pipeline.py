@@ -34,17 +34,23 @@ def reference_scheduler(name: str, spacing: str = "leading", karras: bool = Fals
         return PNDMScheduler(**config, skip_prk_steps=True, set_alpha_to_one=False)
     if name == "dpmpp_2m":
         return DPMSolverMultistepScheduler(**config, algorithm_type="dpmsolver++", solver_order=2)
+    if name in ("dpmpp_2m_sde", "dpmpp_2m_sde_heun"):
+        return DPMSolverMultistepScheduler(**config, algorithm_type="sde-dpmsolver++", solver_order=2,
+                                           solver_type="heun" if name.endswith("heun") else "midpoint")
     return CLASSES[name](**config)
 
 
 CLASSES = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteScheduler, "lms": LMSDiscreteScheduler,
            "heun": HeunDiscreteScheduler, "ddim": DDIMScheduler, "pndm": PNDMScheduler,
-           "dpmpp_2m": DPMSolverMultistepScheduler, "dpm2": KDPM2DiscreteScheduler,
+           "dpmpp_2m": DPMSolverMultistepScheduler, "dpmpp_2m_sde": DPMSolverMultistepScheduler,
+           "dpmpp_2m_sde_heun": DPMSolverMultistepScheduler, "dpm2": KDPM2DiscreteScheduler,
            "dpm2_a": KDPM2AncestralDiscreteScheduler}
 
 
 def scheduler_from_config(name: str, config: dict):
     """diffusers' scheduler for sampler `name` from a folder's scheduler_config.json, as a diffusers
     user swaps schedulers (`Scheduler.from_config(pipe.scheduler.config)`), run the way we run ours."""
-    how = {"pndm": dict(skip_prk_steps=True), "dpmpp_2m": dict(algorithm_type="dpmsolver++", solver_order=2)}
+    how = {"pndm": dict(skip_prk_steps=True), "dpmpp_2m": dict(algorithm_type="dpmsolver++", solver_order=2),
+           "dpmpp_2m_sde": dict(algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="midpoint"),
+           "dpmpp_2m_sde_heun": dict(algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="heun")}
     return CLASSES[name].from_config({**config, **how.get(name, {})})
