@@ -642,9 +642,8 @@ def log_midpoint(sigma, sigma_next):
 
 
 def dpm2_grid(num_steps, spacing, schedule_type, schedule, ancestral=False):
-    """k-diffusion's levels with each step's midpoint between them: sigmas [s0, m0, s1, m1, ..., s_N-1, 0], the
-    midpoint between s_k and s_k+1 (ancestral: s_k's sigma_down), and the timestep of each (diffusers' KDPM2:
-    Karras timesteps rounded; float64 when not "spaced"). The last step's midpoint, 0, is not called."""
+    """k-diffusion's levels with each step's midpoint: between s_k and s_k+1 (ancestral: s_k's sigma_down). As
+    diffusers' KDPM2: Karras timesteps rounded, and float64 when the schedule type is not "spaced"."""
     timesteps, sigmas = noise_schedule.sigma_grid(num_steps, spacing, schedule_type, schedule)
     if schedule_type != "spaced":
         timesteps = timesteps.double()
@@ -656,8 +655,14 @@ def dpm2_grid(num_steps, spacing, schedule_type, schedule, ancestral=False):
         midpoints = sigma.log().lerp(((sigma_next**2 - sigma_up**2) ** 0.5).log(), 0.5).exp()
     else:
         midpoints = log_midpoint(sigma, sigma_next)
+    return with_midpoints(timesteps, sigmas, midpoints, schedule)
+
+
+def with_midpoints(timesteps, sigmas, midpoints, schedule):
+    """A grid with a second UNet call at each step's midpoint: sigmas [s0, m0, s1, m1, ..., s_N-1, 0] and
+    [t0, t(m0), t1, t(m1), ..., t_N-1]. The last step's midpoint (0, at the end of the walk) is not called."""
     midpoint_timesteps = torch.from_numpy(noise_schedule.sigma_to_timestep(midpoints[:-1].numpy(), schedule))
-    calls = torch.stack([sigmas[:-1], midpoints], dim=1).flatten()[:-1]
+    calls = torch.stack([sigmas[:-1], midpoints.to(sigmas.dtype)], dim=1).flatten()[:-1]
     call_timesteps = torch.stack([timesteps[:-1], midpoint_timesteps.to(timesteps.dtype)], dim=1).flatten()
     return torch.cat([call_timesteps, timesteps[-1:]]), torch.cat([calls, sigmas[-1:]])
 
@@ -785,6 +790,52 @@ SAMPLERS["dpmpp_2m_sde_heun"] = Sampler("DPM++ 2M SDE Heun", "alpha", noise_sche
                                         step_dpmpp_2m_sde_heun, SdeMultistepState(), default_eta=1.0)
 SAMPLERS["dpmpp_3m_sde"] = Sampler("DPM++ 3M SDE", "alpha", noise_schedule.dpm_solver_grid, denoised_dpm,
                                    step_dpmpp_3m_sde, SdeMultistepState(), default_eta=1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# DPM++ SDE: the stochastic, second-order, single-step DPM-Solver++ (Lu et al. 2022), k-diffusion's
+# sample_dpmpp_sde with r = 1/2. Each step calls the UNet twice, like DPM2, at sigma and at the
+# step's midpoint in log sigma; each stage is an ancestral exponential-integrator step: to sigma_down
+# along the current x0 estimate, then fresh noise of size sigma_up (as euler_a, with eta):
+#   "first"   from (x, sigma) to the midpoint, with this call's estimate;
+#   "second"  from the same start to sigma_next, with the midpoint's estimate alone (k-diffusion's
+#             (1 - 1/(2r)) x0 + 1/(2r) x0_mid at r = 1/2).
+# k-diffusion and the web UIs draw its noise from a Brownian tree (torchsde) seeded once per image;
+# here, as with every other sampler, each draw comes from the image's own generator.
+# ----------------------------------------------------------------------------------------------
+
+
+def ancestral_exponential_step(x, denoised, sigma, sigma_next, noise, eta=1.0):
+    """DPM-Solver++(1) (the exponential integrator: x moves along x0 in log sigma) down to sigma_down, then
+    noise of size sigma_up: x_next = (sigma_down / sigma) x + (1 - sigma_down / sigma) x0 + sigma_up z."""
+    sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_next, eta)
+    ratio = sigma_down / sigma
+    return ratio * x + (1 - ratio) * denoised + noise * sigma_up
+
+
+def dpmpp_sde_grid(num_steps, spacing, schedule_type, schedule):
+    """The levels with each step's log-sigma midpoint (float64 timesteps, as diffusers' DPMSolverSDE)."""
+    timesteps, sigmas = noise_schedule.sigma_grid(num_steps, spacing, schedule_type, schedule)
+    return with_midpoints(timesteps.double(), sigmas, log_midpoint(sigmas[:-1], sigmas[1:]), schedule)
+
+
+def step_dpmpp_sde(plan, i, x, model_output, state, generators):
+    sigma = plan.sigmas[i]
+    denoised = denoised_at_sigma(plan, i, x, model_output)
+    if state.stage == "first":
+        sigma_next = plan.sigmas[i + 1]  # the midpoint (0 at the last step: plain Euler, no noise)
+        if sigma_next == 0:
+            return euler_step(x, denoised, sigma, sigma_next), MidpointState()
+        noise = draw_noise(model_output.shape, generators, model_output.device, model_output.dtype)
+        return ancestral_exponential_step(x, denoised, sigma, sigma_next, noise, plan.eta), MidpointState(
+            "second", x, sigma)
+    noise = draw_noise(model_output.shape, generators, model_output.device, model_output.dtype)
+    x_next = ancestral_exponential_step(state.x_start, denoised, state.sigma_start, plan.sigmas[i + 1], noise, plan.eta)
+    return x_next, MidpointState()
+
+
+SAMPLERS["dpmpp_sde"] = Sampler("DPM++ SDE", "sigma", dpmpp_sde_grid, denoised_at_sigma, step_dpmpp_sde,
+                                MidpointState(), default_eta=1.0, calls_per_step=2)
 
 
 SAMPLER_NAMES = tuple(SAMPLERS)

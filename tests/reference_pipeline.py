@@ -3,6 +3,7 @@
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
@@ -44,7 +45,7 @@ CLASSES = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteSch
            "heun": HeunDiscreteScheduler, "ddim": DDIMScheduler, "pndm": PNDMScheduler,
            "dpmpp_2m": DPMSolverMultistepScheduler, "dpmpp_2m_sde": DPMSolverMultistepScheduler,
            "dpmpp_2m_sde_heun": DPMSolverMultistepScheduler, "dpm2": KDPM2DiscreteScheduler,
-           "dpm2_a": KDPM2AncestralDiscreteScheduler}
+           "dpm2_a": KDPM2AncestralDiscreteScheduler, "dpmpp_sde": DPMSolverSDEScheduler}
 
 
 def scheduler_from_config(name: str, config: dict):

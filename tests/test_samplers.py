@@ -19,7 +19,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 
 STEP_COUNTS = (1, 2, 3, 10, 25, 50)
 DIFFUSERS_SAMPLERS = [name for name in samplers.SAMPLER_NAMES if name in CLASSES]  # the others: references below
-KARRAS_SAMPLERS = ("euler", "lms", "heun", "dpmpp_2m", "dpm2", "dpm2_a", "dpmpp_2m_sde", "dpmpp_2m_sde_heun")  # the ones diffusers has use_karras_sigmas on
+KARRAS_SAMPLERS = ("euler", "lms", "heun", "dpmpp_2m", "dpm2", "dpm2_a", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
+                   "dpmpp_sde")  # the ones diffusers has use_karras_sigmas on
 TOLERANCE = 1e-5  # max |ours - diffusers| / max |diffusers|, per latent
 LATENT_SHAPE = (2, 4, 4, 4)
 
@@ -46,6 +47,8 @@ def run_ours(plan, x, gens=None):
 
 def run_reference(scheduler, x, gens=None, eta=0.0, timesteps=None):
     latents = []
+    if hasattr(scheduler, "noise_sampler"):  # DPMSolverSDE: its Brownian tree replaced by draws from our generators
+        scheduler.noise_sampler = lambda sigma, sigma_next: samplers.draw_noise(x.shape, gens, x.device, x.dtype)
     for t in scheduler.timesteps if timesteps is None else timesteps:
         model_output = dummy_model(scheduler.scale_model_input(x, t), t)
         extra = {}
@@ -72,7 +75,7 @@ def assert_same_trajectory(ours, theirs):
 
 # Samplers that call the UNet between the grid's levels, at timesteps worked out from a sigma: computed in
 # float64 here and in float32 by diffusers, they agree to float32's last bits, not bit for bit.
-BETWEEN_LEVELS = ("dpm2", "dpm2_a")
+BETWEEN_LEVELS = ("dpm2", "dpm2_a", "dpmpp_sde")
 
 
 def assert_same_timesteps(plan, reference):
@@ -185,7 +188,8 @@ def test_init_noise_sigma_and_input_scaling_equal_diffusers(name, karras, spacin
         if hasattr(reference, "_step_index"):
             reference._step_index = i  # only step() moves diffusers' hidden counter on
         if name in BETWEEN_LEVELS:
-            reference.sample = None if i % 2 == 0 else x  # ... and its hidden stage: KDPM2's first or second call
+            reference.sample = None if i % 2 == 0 else x  # ... and its hidden stage: the first or second call
+            reference.mid_point_sigma = plan.sigmas[i]  # (DPMSolverSDE reads the midpoint's level from here)
         assert torch.equal(samplers.scale_model_input(plan, i, x), reference.scale_model_input(x, t))
 
 
