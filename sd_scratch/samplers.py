@@ -838,4 +838,45 @@ SAMPLERS["dpmpp_sde"] = Sampler("DPM++ SDE", "sigma", dpmpp_sde_grid, denoised_a
                                 MidpointState(), default_eta=1.0, calls_per_step=2)
 
 
+# ----------------------------------------------------------------------------------------------
+# DDPM: Ho et al. 2020 ("Denoising Diffusion Probabilistic Models"), the ancestral sampler of the
+# model's own Markov chain: each step draws from the posterior q(x_prev | x_t, x0) given the x0
+# estimate, where prev is the plan's next timestep (past the last one, alpha_bar = 1: a clean image).
+# ----------------------------------------------------------------------------------------------
+
+
+def ddpm_step(x, denoised, alpha_bar, alpha_bar_prev, noise):
+    """Eq. 6-7 between two timesteps of the plan: with alpha = alpha_bar / alpha_bar_prev, what survives of
+    x_prev in x_t, and beta = 1 - alpha,
+
+        x_prev = sqrt(alpha_bar_prev) beta / (1 - alpha_bar) x0 + sqrt(alpha) (1 - alpha_bar_prev) / (1 - alpha_bar) x_t
+                 + sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) beta) z
+
+    (the posterior's own variance, diffusers' "fixed_small", kept above 1e-20 where it vanishes)."""
+    alpha = alpha_bar / alpha_bar_prev
+    beta = 1 - alpha
+    denoised_coefficient = (alpha_bar_prev**0.5 * beta) / (1 - alpha_bar)
+    x_coefficient = alpha**0.5 * (1 - alpha_bar_prev) / (1 - alpha_bar)
+    x_prev = denoised_coefficient * denoised + x_coefficient * x
+    if noise is None:
+        return x_prev
+    variance = torch.clamp((1 - alpha_bar_prev) / (1 - alpha_bar) * beta, min=1e-20)
+    return x_prev + variance**0.5 * noise
+
+
+def step_ddpm(plan, i, x, model_output, state, generators):
+    t = plan.timesteps[i]
+    alpha_bar = plan.alpha_bar(t)
+    alpha_bar_prev = plan.alpha_bar(plan.timesteps[i + 1]) if i + 1 < len(plan.timesteps) else torch.tensor(1.0)
+    _, denoised = eps_and_denoised_alpha_view(x, model_output, alpha_bar, plan.prediction_type)
+    noise = None
+    if t > 0:  # as diffusers: no noise on a step from t = 0
+        noise = draw_noise(model_output.shape, generators, model_output.device, model_output.dtype)
+    return ddpm_step(x, denoised, alpha_bar, alpha_bar_prev, noise), state
+
+
+SAMPLERS["ddpm"] = Sampler("DDPM", "alpha", noise_schedule.timestep_grid, denoised_at_timestep, step_ddpm,
+                           schedule_types=("spaced",))
+
+
 SAMPLER_NAMES = tuple(SAMPLERS)

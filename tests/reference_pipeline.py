@@ -2,6 +2,7 @@
 
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
     DPMSolverSDEScheduler,
     EulerAncestralDiscreteScheduler,
@@ -31,6 +32,8 @@ def reference_scheduler(name: str, spacing: str = "leading", karras: bool = Fals
         config[SCHEDULE_FLAGS[schedule_type]] = True
     if name == "ddim":
         return DDIMScheduler(**config, clip_sample=False, set_alpha_to_one=False)
+    if name == "ddpm":
+        return DDPMScheduler(**config, clip_sample=False)  # SD's configs set it false (DDPM's own default: true)
     if name == "pndm":
         return PNDMScheduler(**config, skip_prk_steps=True, set_alpha_to_one=False)
     if name == "dpmpp_2m":
@@ -45,13 +48,13 @@ CLASSES = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteSch
            "heun": HeunDiscreteScheduler, "ddim": DDIMScheduler, "pndm": PNDMScheduler,
            "dpmpp_2m": DPMSolverMultistepScheduler, "dpmpp_2m_sde": DPMSolverMultistepScheduler,
            "dpmpp_2m_sde_heun": DPMSolverMultistepScheduler, "dpm2": KDPM2DiscreteScheduler,
-           "dpm2_a": KDPM2AncestralDiscreteScheduler, "dpmpp_sde": DPMSolverSDEScheduler}
+           "dpm2_a": KDPM2AncestralDiscreteScheduler, "dpmpp_sde": DPMSolverSDEScheduler, "ddpm": DDPMScheduler}
 
 
 def scheduler_from_config(name: str, config: dict):
     """diffusers' scheduler for sampler `name` from a folder's scheduler_config.json, as a diffusers
     user swaps schedulers (`Scheduler.from_config(pipe.scheduler.config)`), run the way we run ours."""
-    how = {"pndm": dict(skip_prk_steps=True), "dpmpp_2m": dict(algorithm_type="dpmsolver++", solver_order=2),
+    how = {"pndm": dict(skip_prk_steps=True), "ddpm": dict(clip_sample=False), "dpmpp_2m": dict(algorithm_type="dpmsolver++", solver_order=2),
            "dpmpp_2m_sde": dict(algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="midpoint"),
            "dpmpp_2m_sde_heun": dict(algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="heun")}
     return CLASSES[name].from_config({**config, **how.get(name, {})})
