@@ -23,7 +23,7 @@ DEFAULT_GUIDANCE = 7.5  # SD's usual scale, for models that recommend none
 # The names of samplers.SAMPLER_NAMES, schedule.SPACINGS and schedule.SCHEDULE_TYPES, repeated here so that --help and the checks
 # need no torch; tests/test_cli.py keeps them equal to the originals.
 SAMPLER_NAMES = ("euler", "euler_a", "lms", "ddim", "pndm", "dpmpp_2m", "heun", "dpm2", "dpm2_a", "dpmpp_2m_sde",
-                 "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "dpmpp_sde", "ddpm")
+                 "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "dpmpp_sde", "ddpm", "unipc", "unipc_3")
 SPACINGS = ("leading", "linspace", "trailing")
 SCHEDULE_TYPES = ("spaced", "karras", "exponential", "beta", "sgm_uniform", "ays")
 DTYPE_NAMES = ("auto", "fp32", "fp16", "bf16")

@@ -879,4 +879,85 @@ SAMPLERS["ddpm"] = Sampler("DDPM", "alpha", noise_schedule.timestep_grid, denois
                            schedule_types=("spaced",))
 
 
+# ----------------------------------------------------------------------------------------------
+# UniPC: Zhao et al. 2023 ("UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
+# Diffusion Models"), in its data-prediction form with B(h) = e^h - 1 ("bh2"), as diffusers'
+# UniPCMultistepScheduler. On DPM++ 2M's grid and view. Every call does two things:
+#   UniC  corrects the x it was given, now that the UNet's x0 estimate at this level is known (not at
+#         the first call): the last step is re-taken with that estimate among the ones it extrapolates;
+#   UniP  predicts the next x from the estimates so far, of order up to 2 (unipc) or 3 (unipc_3),
+#         lower while there are fewer estimates, and for the last steps (diffusers' lower_order_final).
+# Both share one formula, x_next = (noise_next / noise) x - alpha_next (e^-h - 1) D0 - alpha_next B(h) sum_k rho_k D_k,
+# with D_k the divided differences of the estimates and rho the solution of a small linear system in
+# phi-functions of h; the corrector adds the new estimate's difference as its last term.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class UniPcState:
+    denoised: tuple = ()  # the x0 estimates of the last calls, oldest first (at most the order) ...
+    sigmas: tuple = ()  # ... the levels they were made at
+    x_previous: torch.Tensor | None = None  # x before the last prediction: where the corrector starts from
+    order_previous: int = 0  # that prediction's order, which the corrector keeps
+
+
+def unipc_update(x, denoised_history, sigma_history, sigma_next, order, denoised_next=None):
+    """From x at the history's last level to sigma_next: the predictor, or, given denoised_next (the x0 estimate
+    made at sigma_next), the corrector. `order` counts the estimates used (the newest `order` of the history)."""
+    m0, sigma = denoised_history[-1], sigma_history[-1]
+    alpha_next, noise_next = alpha_and_noise_level(sigma_next)
+    _, noise_level = alpha_and_noise_level(sigma)
+    lambda_0 = half_log_snr(sigma)
+    h = half_log_snr(sigma_next) - lambda_0
+    earlier = [(denoised_history[-k - 1], sigma_history[-k - 1]) for k in range(1, order)]  # newest first
+    r = [(half_log_snr(sigma_k) - lambda_0) / h for _, sigma_k in earlier] + [torch.ones(())]
+    differences = [(m_k - m0) / r_k for (m_k, _), r_k in zip(earlier, r)]
+    # b_i = i! phi_(i+1)(-h) / B(h), i = 1 .. order, by the phi-functions' recursion phi_(k+1) = (phi_k - 1/k!) / (-h)
+    minus_h = -h
+    h_phi_1 = torch.expm1(minus_h)
+    b_h = torch.expm1(minus_h)
+    h_phi_k, factorial, b = h_phi_1 / minus_h - 1, 1, []
+    for i in range(1, order + 1):
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / minus_h - 1 / factorial
+    powers = torch.stack([torch.stack(r) ** (i - 1) for i in range(1, order + 1)])  # R[i, k] = r_k^(i-1)
+    x_next = noise_next / noise_level * x - alpha_next * h_phi_1 * m0
+    if denoised_next is None:  # UniP: the earlier estimates only
+        if not differences:
+            return x_next
+        rho = torch.tensor([0.5]) if order == 2 else torch.linalg.solve(powers[:-1, :-1], torch.stack(b[:-1]))
+        return x_next - alpha_next * b_h * sum(rho_k * d for rho_k, d in zip(rho.to(x.dtype), differences))
+    # UniC: the same, with the new estimate's difference as the last term
+    rho = torch.tensor([0.5]) if order == 1 else torch.linalg.solve(powers, torch.stack(b))
+    rho = rho.to(x.dtype)
+    correction = sum(rho_k * d for rho_k, d in zip(rho[:-1], differences)) + rho[-1] * (denoised_next - m0)
+    return x_next - alpha_next * b_h * correction
+
+
+def _step_unipc(plan, i, x, model_output, state, generators, max_order):
+    denoised = denoised_dpm(plan, i, x, model_output)
+    if state.x_previous is not None:  # UniC: re-take the last step with this estimate too
+        x = unipc_update(state.x_previous, state.denoised, state.sigmas, plan.sigmas[i], state.order_previous,
+                         denoised_next=denoised)
+    denoised_history = (*state.denoised, denoised)[-max_order:]
+    sigma_history = (*state.sigmas, plan.sigmas[i])[-max_order:]
+    order = min(max_order, len(denoised_history), len(plan.timesteps) - i)
+    x_next = unipc_update(x, denoised_history, sigma_history, plan.sigmas[i + 1], order)
+    return x_next, UniPcState(denoised_history, sigma_history, x, order)
+
+
+def step_unipc(plan, i, x, model_output, state, generators):
+    return _step_unipc(plan, i, x, model_output, state, generators, max_order=2)
+
+
+def step_unipc_3(plan, i, x, model_output, state, generators):
+    return _step_unipc(plan, i, x, model_output, state, generators, max_order=3)
+
+
+SAMPLERS["unipc"] = Sampler("UniPC", "alpha", noise_schedule.dpm_solver_grid, denoised_dpm, step_unipc, UniPcState())
+SAMPLERS["unipc_3"] = Sampler("UniPC (order 3)", "alpha", noise_schedule.dpm_solver_grid, denoised_dpm, step_unipc_3,
+                              UniPcState())
+
+
 SAMPLER_NAMES = tuple(SAMPLERS)

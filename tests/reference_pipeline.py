@@ -12,6 +12,7 @@ from diffusers import (
     KDPM2DiscreteScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
+    UniPCMultistepScheduler,
 )
 
 # The v1.5 scheduler_config.json (it names no timestep_spacing; the PNDM scheduler it was written for
@@ -34,6 +35,8 @@ def reference_scheduler(name: str, spacing: str = "leading", karras: bool = Fals
         return DDIMScheduler(**config, clip_sample=False, set_alpha_to_one=False)
     if name == "ddpm":
         return DDPMScheduler(**config, clip_sample=False)  # SD's configs set it false (DDPM's own default: true)
+    if name in ("unipc", "unipc_3"):
+        return UniPCMultistepScheduler(**config, solver_order=3 if name == "unipc_3" else 2, solver_type="bh2")
     if name == "pndm":
         return PNDMScheduler(**config, skip_prk_steps=True, set_alpha_to_one=False)
     if name == "dpmpp_2m":
@@ -48,13 +51,15 @@ CLASSES = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteSch
            "heun": HeunDiscreteScheduler, "ddim": DDIMScheduler, "pndm": PNDMScheduler,
            "dpmpp_2m": DPMSolverMultistepScheduler, "dpmpp_2m_sde": DPMSolverMultistepScheduler,
            "dpmpp_2m_sde_heun": DPMSolverMultistepScheduler, "dpm2": KDPM2DiscreteScheduler,
-           "dpm2_a": KDPM2AncestralDiscreteScheduler, "dpmpp_sde": DPMSolverSDEScheduler, "ddpm": DDPMScheduler}
+           "dpm2_a": KDPM2AncestralDiscreteScheduler, "dpmpp_sde": DPMSolverSDEScheduler, "ddpm": DDPMScheduler,
+           "unipc": UniPCMultistepScheduler, "unipc_3": UniPCMultistepScheduler}
 
 
 def scheduler_from_config(name: str, config: dict):
     """diffusers' scheduler for sampler `name` from a folder's scheduler_config.json, as a diffusers
     user swaps schedulers (`Scheduler.from_config(pipe.scheduler.config)`), run the way we run ours."""
-    how = {"pndm": dict(skip_prk_steps=True), "ddpm": dict(clip_sample=False), "dpmpp_2m": dict(algorithm_type="dpmsolver++", solver_order=2),
+    how = {"pndm": dict(skip_prk_steps=True), "ddpm": dict(clip_sample=False), "unipc": dict(solver_order=2),
+           "unipc_3": dict(solver_order=3), "dpmpp_2m": dict(algorithm_type="dpmsolver++", solver_order=2),
            "dpmpp_2m_sde": dict(algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="midpoint"),
            "dpmpp_2m_sde_heun": dict(algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="heun")}
     return CLASSES[name].from_config({**config, **how.get(name, {})})

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::F
 STEP_COUNTS = (1, 2, 3, 10, 25, 50)
 DIFFUSERS_SAMPLERS = [name for name in samplers.SAMPLER_NAMES if name in CLASSES]  # the others: references below
 KARRAS_SAMPLERS = ("euler", "lms", "heun", "dpmpp_2m", "dpm2", "dpm2_a", "dpmpp_2m_sde", "dpmpp_2m_sde_heun",
-                   "dpmpp_sde")  # the ones diffusers has use_karras_sigmas on
+                   "dpmpp_sde", "unipc", "unipc_3")  # the ones diffusers has use_karras_sigmas on
 TOLERANCE = 1e-5  # max |ours - diffusers| / max |diffusers|, per latent
 LATENT_SHAPE = (2, 4, 4, 4)
 

@@ -27,7 +27,7 @@ def test_the_incomplete_beta_function_and_its_inverse_equal_scipys():
 @pytest.mark.parametrize("num_steps", STEP_COUNTS)
 @pytest.mark.parametrize("schedule_type", DIFFUSERS_TYPES)
 @pytest.mark.parametrize("name", ["euler", "lms", "heun", "dpmpp_2m", "dpm2", "dpm2_a", "dpmpp_2m_sde",
-                                  "dpmpp_2m_sde_heun", "dpmpp_sde"])
+                                  "dpmpp_2m_sde_heun", "dpmpp_sde", "unipc", "unipc_3"])
 def test_trajectory_on_diffusers_schedule_types(name, schedule_type, num_steps):
     plan = samplers.make_plan(name, num_steps, schedule_type=schedule_type)
     reference = reference_scheduler(name, schedule_type=schedule_type)
