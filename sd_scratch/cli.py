@@ -20,10 +20,11 @@ from sd_scratch.checks import SEED_RANGE, check_seeds, check_size, finite
 
 DEFAULT_PROMPT = "a red circle on a blue background"  # in the shipped tiny model's vocabulary
 DEFAULT_GUIDANCE = 7.5  # SD's usual scale, for models that recommend none
+CFGPP_GUIDANCE = 0.6  # euler_cfgpp's lambda, in [0, 1], when none is given (samplers.py, its section)
 # The names of samplers.SAMPLER_NAMES, schedule.SPACINGS and schedule.SCHEDULE_TYPES, repeated here so that --help and the checks
 # need no torch; tests/test_cli.py keeps them equal to the originals.
 SAMPLER_NAMES = ("euler", "euler_a", "lms", "ddim", "pndm", "dpmpp_2m", "heun", "dpm2", "dpm2_a", "dpmpp_2m_sde",
-                 "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "dpmpp_sde", "ddpm", "unipc", "unipc_3")
+                 "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "dpmpp_sde", "ddpm", "unipc", "unipc_3", "euler_cfgpp")
 SPACINGS = ("leading", "linspace", "trailing")
 SCHEDULE_TYPES = ("spaced", "karras", "exponential", "beta", "sgm_uniform", "ays")
 DTYPE_NAMES = ("auto", "fp32", "fp16", "bf16")
@@ -54,7 +55,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--steps", type=int, default=25, help="sampler steps (default: 25)")
     p.add_argument("--guidance", type=finite_float,
                    help="classifier-free guidance scale; at or below 1 guidance is off (default: the scale the model "
-                        f"recommends in its metadata, else {DEFAULT_GUIDANCE}; the shipped tiny model recommends 3)")
+                        f"recommends in its metadata, else {DEFAULT_GUIDANCE}; the shipped tiny model recommends 3). "
+                        f"For euler_cfgpp: CFG++'s lambda, in [0, 1] (default {CFGPP_GUIDANCE})")
     p.add_argument("--sampler", default="euler", help=f"one of {', '.join(SAMPLER_NAMES)} (default: euler)")
     p.add_argument("--spacing", choices=SPACINGS,
                    help="how the steps are spread over the training timesteps (default: the model's; SD: leading)")
@@ -205,9 +207,19 @@ def run(args, prompts: list[str]) -> int:
     except (CheckpointError, ValueError) as error:
         raise UsageError(str(error))
     height, width = args.height or model.image_size, args.width or model.image_size
-    guidance = args.guidance if args.guidance is not None else model.defaults.get("guidance", DEFAULT_GUIDANCE)
+    if args.guidance is not None:
+        guidance = args.guidance
+    elif samplers.needs_unconditional(args.sampler):
+        guidance = CFGPP_GUIDANCE
+    else:
+        guidance = model.defaults.get("guidance", DEFAULT_GUIDANCE)
+    try:
+        samplers.check_guidance(args.sampler, guidance)
+    except ValueError as error:
+        raise UsageError(f"--guidance: {error}")
     if not args.force:
-        check_memory(model, args.n_samples, height, width, guidance > 1, args.tiled_decode, device)
+        guided = guidance > 1 or samplers.needs_unconditional(args.sampler)
+        check_memory(model, args.n_samples, height, width, guided, args.tiled_decode, device)
     skip = model.skip_last_layers if args.clip_skip is None else args.clip_skip
     if skip >= model.text_encoder.config.layers:
         raise UsageError(f"--clip-skip {skip} leaves no text encoder layer: it has {model.text_encoder.config.layers}")

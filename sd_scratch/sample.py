@@ -128,7 +128,10 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
     height, width = image_size(model, init_image, height, width)
     check_seeds(seed, len(prompts))
     finite("guidance", guidance)
-    guided = guidance > 1  # at guidance 1 the unconditional half would cancel out: skip it, as diffusers does
+    samplers.check_guidance(sampler, guidance)
+    # At guidance 1 the unconditional half would cancel out: skip it, as diffusers does (unless the sampler
+    # re-noises with it: CFG++).
+    guided = guidance > 1 or samplers.needs_unconditional(sampler)
     unet = prepare_unet(model, speed)
 
     # 1. Text -> conditioning, for the prompt and for the negative prompt that guidance steers away from
@@ -161,11 +164,11 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
             noise_uncond, noise_cond = unet(model_input, t, conditioning.context, conditioning.vector).chunk(2)
             noise_pred = classifier_free_guidance(noise_uncond, noise_cond, guidance)
         else:
-            noise_pred = unet(model_input, t, conditioning.context, conditioning.vector)
+            noise_uncond, noise_pred = None, unet(model_input, t, conditioning.context, conditioning.vector)
         if preview_every and (i + 1) % preview_every == 0:
             x0 = samplers.predicted_x0(plan, i, latents, noise_pred)
             previews.append(latents_to_images(model, x0, speed.tiled_decode))
-        latents, state = samplers.step(plan, i, latents, noise_pred, state, generators)
+        latents, state = samplers.step(plan, i, latents, noise_pred, state, generators, noise_uncond)
 
     # 5. Latents -> pixels -> PIL images
     release_weights(model.unet)

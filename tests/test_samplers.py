@@ -40,7 +40,8 @@ def run_ours(plan, x, gens=None):
     latents, state = [], samplers.initial_state(plan)
     for i, t in enumerate(plan.timesteps):
         model_output = dummy_model(samplers.scale_model_input(plan, i, x), t)
-        x, state = samplers.step(plan, i, x, model_output, state, generators=gens)
+        # (euler_cfgpp also takes the unconditional prediction: here the same, which makes it plain Euler)
+        x, state = samplers.step(plan, i, x, model_output, state, generators=gens, unconditional_output=model_output)
         latents.append(x)
     return latents
 
@@ -307,10 +308,10 @@ def test_a_step_repeated_with_the_same_inputs_repeats_its_output(name):
     x, state = start_noise() * plan.init_noise_sigma, samplers.initial_state(plan)
     for i in range(3):  # get some history into the state
         model_output = dummy_model(samplers.scale_model_input(plan, i, x), plan.timesteps[i])
-        x, state = samplers.step(plan, i, x, model_output, state, generators(1, 2))
+        x, state = samplers.step(plan, i, x, model_output, state, generators(1, 2), model_output)
     model_output = dummy_model(x, plan.timesteps[3])
-    once = samplers.step(plan, 3, x, model_output, state, generators(1, 2))
-    twice = samplers.step(plan, 3, x, model_output, state, generators(1, 2))
+    once = samplers.step(plan, 3, x, model_output, state, generators(1, 2), model_output)
+    twice = samplers.step(plan, 3, x, model_output, state, generators(1, 2), model_output)
     assert torch.equal(once[0], twice[0])
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.eta = 1.0
