@@ -21,12 +21,19 @@ from sd_scratch.checks import SEED_RANGE, check_seeds, check_size, finite
 DEFAULT_PROMPT = "a red circle on a blue background"  # in the shipped tiny model's vocabulary
 DEFAULT_GUIDANCE = 7.5  # SD's usual scale, for models that recommend none
 CFGPP_GUIDANCE = 0.6  # euler_cfgpp's lambda, in [0, 1], when none is given (samplers.py, its section)
-# The names of samplers.SAMPLER_NAMES, schedule.SPACINGS and schedule.SCHEDULE_TYPES, repeated here so that --help and the checks
-# need no torch; tests/test_cli.py keeps them equal to the originals.
-SAMPLER_NAMES = ("euler", "euler_a", "lms", "ddim", "pndm", "dpmpp_2m", "heun", "dpm2", "dpm2_a", "dpmpp_2m_sde",
-                 "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "dpmpp_sde", "ddpm", "unipc", "unipc_3", "euler_cfgpp")
+# The samplers and schedule types, by our names and as AUTOMATIC1111 labels them (the PNG's "Sampler" and
+# "Schedule type"), and the spacings: samplers.SAMPLERS, sample.SCHEDULE_LABELS and schedule.SPACINGS,
+# repeated here so that --help and the checks need no torch; tests/test_robustness.py keeps them equal.
+SAMPLER_LABELS = {"euler": "Euler", "euler_a": "Euler a", "lms": "LMS", "ddim": "DDIM", "pndm": "PLMS",
+                  "dpmpp_2m": "DPM++ 2M", "heun": "Heun", "dpm2": "DPM2", "dpm2_a": "DPM2 a",
+                  "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun",
+                  "dpmpp_3m_sde": "DPM++ 3M SDE", "dpmpp_sde": "DPM++ SDE", "ddpm": "DDPM", "unipc": "UniPC",
+                  "unipc_3": "UniPC (order 3)", "euler_cfgpp": "Euler CFG++"}
+SAMPLER_NAMES = tuple(SAMPLER_LABELS)
+SCHEDULE_LABELS = {"spaced": "Spaced", "karras": "Karras", "exponential": "Exponential", "beta": "Beta",
+                   "sgm_uniform": "SGM Uniform", "ays": "Align Your Steps"}
+SCHEDULE_TYPES = tuple(SCHEDULE_LABELS)
 SPACINGS = ("leading", "linspace", "trailing")
-SCHEDULE_TYPES = ("spaced", "karras", "exponential", "beta", "sgm_uniform", "ays")
 DTYPE_NAMES = ("auto", "fp32", "fp16", "bf16")
 
 
@@ -37,6 +44,15 @@ class UsageError(Exception):
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(message)
+
+
+def by_name_or_label(text: str, labels: dict[str, str]) -> str:
+    """Our name for `text`, given as our name or as AUTOMATIC1111's label (any case): "DPM++ 2M SDE" -> "dpmpp_2m_sde"."""
+    for name, label in labels.items():
+        if text.lower() in (name, label.lower()):
+            return name
+    raise argparse.ArgumentTypeError(f"unknown {'sampler' if labels is SAMPLER_LABELS else 'schedule'} {text!r}; "
+                                     f"known: {', '.join(labels)}")
 
 
 def finite_float(text: str) -> float:
@@ -57,12 +73,15 @@ def build_parser() -> ArgumentParser:
                    help="classifier-free guidance scale; at or below 1 guidance is off (default: the scale the model "
                         f"recommends in its metadata, else {DEFAULT_GUIDANCE}; the shipped tiny model recommends 3). "
                         f"For euler_cfgpp: CFG++'s lambda, in [0, 1] (default {CFGPP_GUIDANCE})")
-    p.add_argument("--sampler", default="euler", help=f"one of {', '.join(SAMPLER_NAMES)} (default: euler)")
+    p.add_argument("--sampler", default="euler", type=lambda text: by_name_or_label(text, SAMPLER_LABELS),
+                   help=f"one of {', '.join(SAMPLER_NAMES)}, or as AUTOMATIC1111 names it ('DPM++ 2M SDE') "
+                        "(default: euler)")
     p.add_argument("--spacing", choices=SPACINGS,
                    help="how the steps are spread over the training timesteps (default: the model's; SD: leading)")
-    p.add_argument("--schedule", choices=SCHEDULE_TYPES, default=None,
+    p.add_argument("--schedule", type=lambda text: by_name_or_label(text, SCHEDULE_LABELS), default=None,
                    help="how the steps' noise levels are placed: spaced (at the spaced timesteps), karras, exponential, "
-                        "beta (Lee et al.), sgm_uniform, ays (Align Your Steps); not for ddim and pndm (default: spaced)")
+                        "beta (Lee et al.), sgm_uniform, ays (Align Your Steps), or A1111's names ('SGM Uniform'); "
+                        "not for ddim, pndm and ddpm (default: spaced)")
     p.add_argument("--karras", action="store_true", help="the same as --schedule karras")
     p.add_argument("--eta", type=finite_float, default=None,
                    help="noise added back per step: euler_a default 1, ddim default 0 (deterministic)")
@@ -134,8 +153,6 @@ def check_arguments(args) -> list[str]:
         raise UsageError(f"--guidance must not be negative, got {args.guidance} (use 1 or less to turn guidance off)")
     if args.karras and args.schedule not in (None, "karras"):
         raise UsageError(f"--karras is --schedule karras: give one, not --karras with --schedule {args.schedule}")
-    if args.sampler not in SAMPLER_NAMES:
-        raise UsageError(f"unknown sampler {args.sampler!r}; known: {', '.join(SAMPLER_NAMES)}")
     if args.clip_skip is not None and args.clip_skip < 0:
         raise UsageError(f"--clip-skip must not be negative, got {args.clip_skip}")
     if args.save_intermediates < 0:

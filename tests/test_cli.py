@@ -65,6 +65,12 @@ def test_the_schedule_type_is_taken_and_recorded_as_a1111_names_it(checkpoint, t
     assert f"Sampler: DPM++ 2M, Schedule type: {label}, CFG scale" in read_parameters(tmp_path / "sample-00000.png")
 
 
+def test_samplers_and_schedules_are_taken_by_automatic1111s_names_too(checkpoint, tmp_path):
+    assert main(["--checkpoint", str(checkpoint), "--steps", "3", "--sampler", "DPM++ 2M SDE", "--schedule",
+                 "sgm uniform", "--outdir", str(tmp_path)]) == 0
+    assert "Sampler: DPM++ 2M SDE, Schedule type: SGM Uniform," in read_parameters(tmp_path / "sample-00000.png")
+
+
 def test_existing_files_are_never_overwritten(checkpoint, tmp_path):
     (tmp_path / "sample-00000.png").write_bytes(b"mine")
     for _ in range(2):
@@ -117,14 +123,15 @@ def test_long_prompt_warns_with_the_dropped_words(checkpoint, tmp_path):
     (["--init-image", "INIT", "--strength", "0"], r"--strength must be in \(0, 1\]"),
     (["--init-image", "NOTANIMAGE"], "cannot read init image"),
     (["--from-file", "EMPTY"], "has no prompts: write one prompt per line"),
-    (["--sampler", "magic"], "unknown sampler 'magic'; known: euler, euler_a, lms, ddim, pndm, dpmpp_2m, heun"),
+    (["--sampler", "magic"], "argument --sampler: unknown sampler 'magic'; known: euler, euler_a, lms, ddim, pndm, "
+                             "dpmpp_2m, heun"),
     (["--checkpoint", "nowhere.safetensors"], "checkpoint not found: nowhere.safetensors; put a Stable Diffusion"),
     (["--outdir", "UNWRITABLE"], "cannot write to output folder"),
     (["--eta", "-0.1"], "eta must be >= 0"),
     (["--steps", "1001"], "num_steps 1001 is more than the 1000 training timesteps"),
     (["--sampler", "ddim", "--karras"], "karras sigmas need a sigma-based sampler"),
     (["--sampler", "pndm", "--schedule", "ays"], "'pndm' walks the 'spaced' schedule, not 'ays'"),
-    (["--schedule", "cosine"], "argument --schedule: invalid choice: 'cosine'"),
+    (["--schedule", "cosine"], "argument --schedule: unknown schedule 'cosine'; known: spaced, karras"),
     (["--karras", "--schedule", "beta"], "--karras is --schedule karras"),
     (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
     (["--clip-skip", "9"], "--clip-skip 9 leaves no text encoder layer"),

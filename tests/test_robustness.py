@@ -310,6 +310,7 @@ def test_help_and_usage_errors_do_not_import_torch(args):
 
 
 def test_the_command_lines_own_lists_are_the_registrys():
-    assert cli.SAMPLER_NAMES == samplers.SAMPLER_NAMES
+    assert cli.SAMPLER_LABELS == {name: sampler.label for name, sampler in samplers.SAMPLERS.items()}
     assert cli.SPACINGS == schedule.SPACINGS
     assert cli.SCHEDULE_TYPES == schedule.SCHEDULE_TYPES
+    assert {k: v for k, v in cli.SCHEDULE_LABELS.items() if k != "spaced"} == sample.SCHEDULE_LABELS
