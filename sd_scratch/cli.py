@@ -47,7 +47,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def by_name_or_label(text: str, labels: dict[str, str]) -> str:
-    """Our name for `text`, given as our name or as AUTOMATIC1111's label (any case): "DPM++ 2M SDE" -> "dpmpp_2m_sde"."""
+    """Our name for `text`, given as ours or as AUTOMATIC1111's label, any case: "DPM++ 2M SDE" -> "dpmpp_2m_sde"."""
     for name, label in labels.items():
         if text.lower() in (name, label.lower()):
             return name
@@ -79,7 +79,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--spacing", choices=SPACINGS,
                    help="how the steps are spread over the training timesteps (default: the model's; SD: leading)")
     p.add_argument("--schedule", type=lambda text: by_name_or_label(text, SCHEDULE_LABELS), default=None,
-                   help="how the steps' noise levels are placed: spaced (at the spaced timesteps), karras, exponential, "
+                   help="how the steps' noise levels are placed: spaced (at the spaced timesteps), karras, "
+                        "exponential, "
                         "beta (Lee et al.), sgm_uniform, ays (Align Your Steps), or A1111's names ('SGM Uniform'); "
                         "not for ddim, pndm and ddpm (default: spaced)")
     p.add_argument("--karras", action="store_true", help="the same as --schedule karras")
@@ -253,7 +254,8 @@ def run(args, prompts: list[str]) -> int:
     for job, prompt in enumerate(tqdm(jobs, desc="batches", disable=not one_bar)):
         result = generate(model, [prompt] * args.n_samples, args.negative_prompt, steps=args.steps,
                           guidance=guidance, sampler=args.sampler, spacing=args.spacing, karras=args.karras,
-                          schedule_type=args.schedule, eta=args.eta, seed=args.seed + job * args.n_samples, height=height, width=width,
+                          schedule_type=args.schedule, eta=args.eta, seed=args.seed + job * args.n_samples,
+                          height=height, width=width,
                           skip_last_layers=args.clip_skip, init_image=init_image,
                           strength=args.strength or 0.8, preview_every=args.save_intermediates, speed=speed,
                           progress=not one_bar)

@@ -112,8 +112,8 @@ def images_to_latents(model: StableDiffusion, images: torch.Tensor, generators: 
 @torch.inference_mode()
 def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: str = "", *, steps: int = 25,
              guidance: float = 7.5, sampler: str = "euler", spacing: str | None = None, karras: bool = False,
-             schedule_type: str | None = None, eta: float | None = None, seed: int = 0, height: int | None = None, width: int | None = None,
-             skip_last_layers: int | None = None, init_image: torch.Tensor | None = None, strength: float = 0.8,
+             schedule_type: str | None = None, eta: float | None = None, seed: int = 0, height: int | None = None,
+             width: int | None = None, skip_last_layers: int | None = None, init_image: torch.Tensor | None = None, strength: float = 0.8,
              preview_every: int = 0, speed: SpeedAndMemory = SpeedAndMemory(), progress: bool = True) -> Generation:
     """Images for `prompts` (one image per prompt; image i uses seed + i).
 
@@ -200,7 +200,8 @@ def describe(model: StableDiffusion, prompts: list[str], negative_prompt: str, s
         settings["Eta"] = eta
     if spacing is not None:
         settings["Spacing"] = spacing  # not an A1111 field: diffusers' timestep_spacing
-    return [parameters_text(prompt, negative_prompt, {**settings, "Seed": seed + i}) for i, prompt in enumerate(prompts)]
+    return [parameters_text(prompt, negative_prompt, {**settings, "Seed": seed + i})
+            for i, prompt in enumerate(prompts)]
 
 
 def image_size(model: StableDiffusion, init_image, height: int | None, width: int | None) -> tuple[int, int]:

@@ -11,13 +11,16 @@ The loop in sample.py reads, for every sampler:
         x, state = step(plan, i, x, model_output, state)
 
 `plan` is everything fixed before the loop (timesteps, noise levels); `state` is the little history
-a multistep method carries from one call to the next (LMS, PLMS, DPM++ 2M, Heun's two stages).
+a multistep method carries from one call to the next (LMS's slopes, PLMS's stages, the DPM++ and
+UniPC estimates, the two stages of Heun, DPM2 and DPM++ SDE).
 Both are frozen and handed back to the caller: nothing is remembered inside this module, so the
 same inputs always give the same outputs.
 
 Two ways of holding the noisy latent (see schedule.py):
-  sigma view  x = x0 + sigma * noise                      euler, euler_a, lms, heun
-  alpha view  x = sqrt(a) * x0 + sqrt(1 - a) * noise      ddim, pndm, dpmpp_2m  (a = alpha_bar)
+  sigma view  x = x0 + sigma * noise                      euler, euler_a, lms, heun, dpm2, dpm2_a,
+                                                          dpmpp_sde, euler_cfgpp
+  alpha view  x = sqrt(a) * x0 + sqrt(1 - a) * noise      ddim, pndm, ddpm, dpmpp_2m, the DPM++ 2M and
+                                                          3M SDEs, unipc  (a = alpha_bar)
 We keep to the view diffusers uses for each sampler, so every intermediate latent equals its own.
 
 The file reads in this order: the plan and what the loop calls; the UNet's output turned into the
@@ -715,7 +718,8 @@ def _dpm2_stage(plan, i, x, model_output, state, generators, ancestral):
     return state.x_start + derivative * (sigma_down - sigma_start) + noise * sigma_up, MidpointState()
 
 
-SAMPLERS["dpm2"] = Sampler("DPM2", "sigma", dpm2_grid, denoised_at_sigma, step_dpm2, MidpointState(), calls_per_step=2)
+SAMPLERS["dpm2"] = Sampler("DPM2", "sigma", dpm2_grid, denoised_at_sigma, step_dpm2, MidpointState(),
+                           calls_per_step=2)
 SAMPLERS["dpm2_a"] = Sampler("DPM2 a", "sigma", functools.partial(dpm2_grid, ancestral=True), denoised_at_sigma,
                              step_dpm2_ancestral, MidpointState(), calls_per_step=2)
 
@@ -910,7 +914,8 @@ SAMPLERS["ddpm"] = Sampler("DDPM", "alpha", noise_schedule.timestep_grid, denois
 #         the first call): the last step is re-taken with that estimate among the ones it extrapolates;
 #   UniP  predicts the next x from the estimates so far, of order up to 2 (unipc) or 3 (unipc_3),
 #         lower while there are fewer estimates, and for the last steps (diffusers' lower_order_final).
-# Both share one formula, x_next = (noise_next / noise) x - alpha_next (e^-h - 1) D0 - alpha_next B(h) sum_k rho_k D_k,
+# Both share one formula,
+#     x_next = (noise_next / noise) x - alpha_next (e^-h - 1) D0 - alpha_next B(h) sum_k rho_k D_k,
 # with D_k the divided differences of the estimates and rho the solution of a small linear system in
 # phi-functions of h; the corrector adds the new estimate's difference as its last term.
 # ----------------------------------------------------------------------------------------------

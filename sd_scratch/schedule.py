@@ -155,7 +155,8 @@ def exponential_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
 
 
-def beta_sigmas(sigma_min: float, sigma_max: float, num_steps: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+def beta_sigmas(sigma_min: float, sigma_max: float, num_steps: int, alpha: float = 0.6,
+                beta: float = 0.6) -> np.ndarray:
     """Lee et al. 2024 ("Beta Sampling is All You Need"): the levels at the quantiles of a Beta(0.6, 0.6)
     distribution, evenly spaced in probability, mapped linearly onto [sigma_min, sigma_max] (as diffusers'
     use_beta_sigmas). Beta(0.6, 0.6) is U-shaped, so the steps crowd at both ends of the walk."""

@@ -67,8 +67,10 @@ def test_a_cfgpp_step_is_an_euler_step_with_guidance_lambda_sigma_over_the_step(
     x = start_noise() * plan.init_noise_sigma
     for i in (0, 10, 22):
         model_input = samplers.scale_model_input(plan, i, x)
-        eps_u, eps_c = unconditional_model(model_input, plan.timesteps[i]), conditional_model(model_input, plan.timesteps[i])
-        cfgpp, _ = samplers.step(plan, i, x, classifier_free_guidance(eps_u, eps_c, 0.6), None, unconditional_output=eps_u)
+        t = plan.timesteps[i]
+        eps_u, eps_c = unconditional_model(model_input, t), conditional_model(model_input, t)
+        cfgpp, _ = samplers.step(plan, i, x, classifier_free_guidance(eps_u, eps_c, 0.6), None,
+                                 unconditional_output=eps_u)
         sigma, sigma_next = plan.sigmas[i], plan.sigmas[i + 1]
         w = 0.6 * sigma / (sigma - sigma_next)
         assert 1.2 < w < 5

@@ -72,7 +72,8 @@ def test_a_number_taken_between_looking_and_claiming_moves_on(tmp_path, monkeypa
 # Devices, numbers, seeds, sizes
 
 
-@pytest.mark.parametrize("device", ["cpuu", "cuda:99", "banana:0"] + ([] if torch.backends.mps.is_available() else ["mps"]))
+@pytest.mark.parametrize("device", ["cpuu", "cuda:99", "banana:0"]
+                         + ([] if torch.backends.mps.is_available() else ["mps"]))
 def test_a_device_this_torch_cannot_use_is_named_with_the_ones_it_can(checkpoint, tmp_path, capsys, device):
     assert main(["--checkpoint", str(checkpoint), "--device", device, "--outdir", str(tmp_path)]) == 2
     one_line_error(capsys, device, "this torch can use: cpu")
@@ -109,7 +110,8 @@ def test_generate_refuses_a_seed_past_the_generators_range_and_a_guidance_of_nan
 def test_a_size_too_large_for_the_memory_is_refused_with_what_it_needs_and_force_runs_it(checkpoint, tmp_path,
                                                                                            capsys, monkeypatch):
     monkeypatch.setattr(memory, "available_memory", lambda device: 400_000)  # 0.4 MB free
-    args = ["--checkpoint", str(checkpoint), "--steps", "1", "--height", "64", "--width", "96", "--outdir", str(tmp_path)]
+    args = ["--checkpoint", str(checkpoint), "--steps", "1", "--height", "64", "--width", "96",
+            "--outdir", str(tmp_path)]
     assert main(args) == 2
     err = one_line_error(capsys, "a batch of 1 96x64 image(s) needs at least", "0.0004 GB are available",
                          "--force runs anyway")
