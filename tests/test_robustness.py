@@ -126,7 +126,8 @@ def test_the_decode_alone_too_large_suggests_tiled_decoding(checkpoint, tmp_path
     tiled = memory.memory_floor(model, 1, 1024, 1024, guided=True, tiled_decode=True)
     assert floor.decode > floor.unet and tiled.decode < floor.decode
     monkeypatch.setattr(memory, "available_memory", lambda device: max(floor.unet, tiled.decode) + 1)
-    assert main(["--checkpoint", str(checkpoint), "--height", "1024", "--width", "1024", "--outdir", str(tmp_path)]) == 2
+    arguments = ["--checkpoint", str(checkpoint), "--height", "1024", "--width", "1024", "--outdir", str(tmp_path)]
+    assert main(arguments) == 2
     one_line_error(capsys, "add --tiled-decode")
 
 
@@ -203,7 +204,8 @@ def test_other_shapes_without_configs_are_refused_naming_what_was_read_and_what_
         load_checkpoint(tmp_path / "plain.safetensors")
     message = str(error.value)
     assert "carries no sd_scratch config and its shapes fit no family sd_scratch knows" in message
-    assert "a VAE of 8 x (1, 2)" in message and "the VAE's widths [8, 16] do not split into SD's 32 group-norm" in message
+    assert "a VAE of 8 x (1, 2)" in message
+    assert "the VAE's widths [8, 16] do not split into SD's 32 group-norm" in message
     assert "save_checkpoint" in message and "\n" not in message
 
 

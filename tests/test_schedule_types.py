@@ -8,7 +8,7 @@ from scipy import stats
 
 from reference_pipeline import reference_scheduler
 from sd_scratch import samplers, schedule
-from test_samplers import STEP_COUNTS, assert_same_trajectory, dummy_model, generators, run_ours, run_reference, start_noise
+from test_samplers import STEP_COUNTS, assert_same_trajectory, generators, run_ours, run_reference, start_noise
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
@@ -54,7 +54,8 @@ def k_diffusion_t_to_sigma(t: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("num_steps", STEP_COUNTS)
 def test_sgm_uniform_is_evenly_spaced_in_t_over_the_whole_range(num_steps):
-    # A1111's sgm_uniform: t from sigma_to_t(sigma_max) to sigma_to_t(sigma_min), num_steps + 1 points, the last dropped.
+    # A1111's sgm_uniform: t from sigma_to_t(sigma_max) to sigma_to_t(sigma_min), num_steps + 1 points,
+    # the last dropped.
     expected = k_diffusion_t_to_sigma(np.linspace(999, 0, num_steps + 1)[:-1])
     np.testing.assert_allclose(schedule.sgm_uniform_sigmas(num_steps), expected, rtol=1e-12)
     _, sigmas = schedule.sigma_grid(num_steps, "leading", "sgm_uniform")
