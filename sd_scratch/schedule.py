@@ -175,9 +175,12 @@ def sgm_uniform_sigmas(num_steps: int, schedule: ScheduleConfig = SD15_SCHEDULE)
     return np.exp((1 - weight) * log_sigmas[low] + weight * log_sigmas[high])
 
 
-# Align Your Steps (Sabour et al. 2024): the 10-step schedule NVIDIA optimised for SD 1.5, as the
-# training timesteps it published (11 points; the walk goes from the 10th to 0, the 11th is not walked).
+# Align Your Steps (Sabour et al. 2024): the 10-step schedules NVIDIA optimised for SD 1.5 and for SDXL,
+# as the training timesteps it published (11 points; the walk goes from the 10th to 0, the 11th is not
+# walked). Both models share one training schedule, so only the model family picks the table: SD 1.x and
+# 2.x walk SD 1.5's; an SDXL checkpoint passes AYS_SDXL_TIMESTEPS.
 AYS_SD15_TIMESTEPS = (999, 850, 736, 645, 545, 455, 343, 233, 124, 24, 0)
+AYS_SDXL_TIMESTEPS = (999, 845, 730, 587, 443, 310, 193, 116, 53, 13, 0)
 
 
 def ays_sigmas(num_steps: int, schedule: ScheduleConfig = SD15_SCHEDULE,
