@@ -113,22 +113,6 @@ def test_euler_on_our_own_schedule_types_equals_diffusers_given_the_same_sigmas(
                            run_reference(reference, noise * reference.init_noise_sigma))
 
 
-# ComfyUI's table for SDXL, likewise.
-COMFYUI_AYS_SDXL = [14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
-                    0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582]
-
-
-@pytest.mark.parametrize("num_steps", STEP_COUNTS)
-def test_the_sdxl_align_your_steps_table_is_nvidias_and_interpolates_the_same_way(num_steps):
-    from diffusers.schedulers import AysSchedules
-    assert list(schedule.AYS_SDXL_TIMESTEPS[:-1]) == AysSchedules["StableDiffusionXLTimesteps"]
-    levels = schedule.ays_sigmas(num_steps, timesteps=schedule.AYS_SDXL_TIMESTEPS)
-    np.testing.assert_allclose(levels, nvidia_loglinear_interp(COMFYUI_AYS_SDXL, num_steps + 1)[:-1], rtol=2e-5)
-    # the two tables share their ends and nothing between
-    sd15 = schedule.ays_sigmas(10)
-    assert levels[0] == sd15[0] and (num_steps != 10 or np.abs(levels[1:] / sd15[1:] - 1).min() > 0.009)
-
-
 @pytest.mark.parametrize("num_steps", [3, 10, 25])
 @pytest.mark.parametrize("schedule_type", OWN_TYPES)
 @pytest.mark.parametrize("name", ["euler_a", "lms", "heun", "dpmpp_2m"])
