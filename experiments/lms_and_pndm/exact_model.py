@@ -121,7 +121,7 @@ def sample_exact(sampler: str, guidance: float, latents: torch.Tensor, captions:
         noise_uncond = exact_noise_prediction(model_input, alpha_bar, latents, everything)
         noise_cond = exact_noise_prediction(model_input, alpha_bar, latents, prompt_only)
         x, state = samplers.step(plan, i, x, classifier_free_guidance(noise_uncond, noise_cond, guidance), state,
-                                 generators)
+                                 generators, unconditional_output=noise_uncond)
     return x
 
 
@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(prog="python -m experiments.lms_and_pndm.exact_model",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="whose VAE gives the colours (default: the tiny model)")
-    parser.add_argument("--samplers", nargs="+", default=list(samplers.SAMPLER_NAMES), choices=samplers.SAMPLER_NAMES)
+    scale_samplers = [name for name in samplers.SAMPLER_NAMES if not samplers.needs_unconditional(name)]
+    parser.add_argument("--samplers", nargs="+", default=scale_samplers, choices=samplers.SAMPLER_NAMES,
+                        help="default: all but euler_cfgpp, whose guidance is a lambda in [0, 1]")
     parser.add_argument("--guidance", nargs="+", type=float, default=[1.0, 3.0, 7.5])
     parser.add_argument("--count", type=int, default=96, help="samples per sampler and guidance")
     parser.add_argument("--steps", type=int, default=25)
@@ -171,6 +173,11 @@ def main(argv: list[str] | None = None):
         parser.error(f"--shades must be between 0 and 0.5 (a fraction of each RGB channel), got {args.shades}")
     if args.karras and {"ddim", "pndm"} & set(args.samplers):
         parser.error("--karras needs sigma-based samplers: leave ddim and pndm out of --samplers")
+    for sampler, guidance in itertools.product(args.samplers, args.guidance):
+        try:
+            samplers.check_guidance(sampler, guidance)
+        except ValueError as error:
+            parser.error(str(error))
     torch.set_num_threads(args.threads)
     try:
         model = load_checkpoint(args.checkpoint)
@@ -185,12 +192,12 @@ def main(argv: list[str] | None = None):
     print(f"{len(latents)} clean latents ({len(layouts)} layouts, {colours.shape[1]} shade(s) of each colour), "
           f"{len(asked)} samples, {args.steps} steps ({args.spacing}{', Karras' if args.karras else ''}); "
           "right: the nearest latent has the asked colours")
-    print(f"{'sampler':<10} {'guidance':>8} {'right':>7}")
+    print(f"{'sampler':<17} {'guidance':>8} {'right':>7}")
     for sampler in args.samplers:
         for guidance in args.guidance:
             final = sample_exact(sampler, guidance, latents, captions, asked, seeds, args.steps, args.spacing,
                                  args.karras)
-            print(f"{sampler:<10} {guidance:>8g} {right_fraction(final, latents, captions, asked):>7.1%}", flush=True)
+            print(f"{sampler:<17} {guidance:>8g} {right_fraction(final, latents, captions, asked):>7.1%}", flush=True)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from sd_scratch.loading import load_checkpoint
 from sd_scratch.sample import generate
-from sd_scratch.samplers import SAMPLER_NAMES
+from sd_scratch.samplers import SAMPLER_NAMES, check_guidance, needs_unconditional
 from sd_scratch.tiny.dataset import (COLOURS, IMAGE_SIZE, SHAPES, Scene, caption, palette_tensor, random_scenes,
                                     render)
 
@@ -251,17 +251,24 @@ def latent_colour_cosine(model, start: tuple[str, str] = (IMG2IMG_START[0], IMG2
     return float(old @ new / (old.norm() * new.norm()))
 
 
-def main():
+def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="default: weights/tiny_sd.safetensors")
-    parser.add_argument("--samplers", nargs="+", default=list(SAMPLER_NAMES), choices=SAMPLER_NAMES)
+    scale_samplers = [name for name in SAMPLER_NAMES if not needs_unconditional(name)]
+    parser.add_argument("--samplers", nargs="+", default=scale_samplers, choices=SAMPLER_NAMES,
+                        help="default: all but euler_cfgpp, whose guidance is a lambda in [0, 1]")
     parser.add_argument("--guidance", nargs="+", type=float, default=[1.0, 3.0, 7.5])
     parser.add_argument("--count", type=int, default=None, help="score only the first COUNT of the 336 pairs")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--check-scorer", action="store_true", help="only score the dataset's own images")
     parser.add_argument("--no-extras", action="store_true", help="skip the empty-prompt and image-to-image checks")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for sampler, guidance in itertools.product(args.samplers, args.guidance):
+        try:
+            check_guidance(sampler, guidance)
+        except ValueError as error:
+            parser.error(str(error))
     torch.set_num_threads(args.threads)
 
     if args.check_scorer:
@@ -273,9 +280,9 @@ def main():
     model = load_checkpoint(args.checkpoint)
     prompts = evaluation_prompts()[: args.count]
     print(f"{len(prompts)} prompt x seed pairs, {args.steps} steps")
-    print(f"{'sampler':<10} {'guidance':>8} {'colour':>7} {'bg':>7} {'shape':>7} {'seconds':>8}")
+    print(f"{'sampler':<17} {'guidance':>8} {'colour':>7} {'bg':>7} {'shape':>7} {'seconds':>8}")
     for sampler, guidance, result, seconds in evaluate(model, args.samplers, args.guidance, prompts, args.steps):
-        print(f"{sampler:<10} {guidance:>8g} {result.colour:>7.1%} {result.background:>7.1%} "
+        print(f"{sampler:<17} {guidance:>8g} {result.colour:>7.1%} {result.background:>7.1%} "
               f"{result.shape:>7.1%} {seconds:>8.1f}", flush=True)
     if args.no_extras:
         return
