@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
+import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
+
+from sd_scratch.checks import finite
+# The A1111 labels of our samplers and schedule types: cli keeps torch-free copies of them (equal to samplers'
+# and sample's, tests/test_robustness.py checks), and imports nothing of ours but checks, so no import cycle.
+from sd_scratch.cli import SAMPLER_LABELS, SCHEDULE_LABELS, SPACINGS
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -64,14 +72,221 @@ def parameters_text(prompt: str, negative_prompt: str, settings: dict) -> str:
     """
     lines = [prompt]
     if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{key}: {value}" for key, value in settings.items()))
+        lines.append(f"{NEGATIVE_PROMPT_PREFIX} {negative_prompt}")
+    lines.append(", ".join(f"{key}: {quote_value(value)}" for key, value in settings.items()))
     return "\n".join(lines)
+
+
+def quote_value(value) -> str:
+    """A setting's value as A1111 writes it: as a JSON string if it holds a comma, a newline or a colon, which
+    would otherwise end it, break the settings line or read as a key; else as it is. ("a, b" -> '"a, b"')
+
+    Like A1111, a value without those characters is never quoted, even one that starts and ends with a double
+    quote: that one reads back without its quotes (A1111 has the same blind spot; no value of ours is such).
+    """
+    text = str(value)
+    if "," in text or "\n" in text or ":" in text:
+        return json.dumps(text, ensure_ascii=False)
+    return text
 
 
 def read_parameters(path: str | Path) -> str | None:
     with Image.open(path) as image:
         return image.text.get("parameters")
+
+
+# Reading an infotext back (--parameters-from): our PNGs' and the AUTOMATIC1111 web UI's. One from A1111:
+#
+#     a lighthouse on a cliff at dusk, oil painting
+#     stormy sea, (dramatic light:1.2)
+#     Negative prompt: blurry, lowres
+#     Steps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.5, Seed: 1234, Size: 512x768,
+#         Model hash: 0123abcd45, Model: seascape_v2, TI hashes: "lowres_neg: 5d0e3fa1c2b7", Version: v1.10.1
+#
+# (the settings are one line, broken here to fit) becomes, in parse_parameters:
+#     prompt           the lines before "Negative prompt:", joined: "a lighthouse ... oil painting\nstormy sea, ..."
+#     negative_prompt  from that line on, without the prefix: "blurry, lowres"
+#     settings         the last line's "Key: value" pairs, in order, unquoted, all strings:
+#                      {"Steps": "30", "Sampler": "DPM++ 2M", ..., "TI hashes": "lowres_neg: 5d0e3fa1c2b7", ...}
+# and, in settings_from_parameters, generate()'s keyword arguments:
+#     steps=30, sampler="dpmpp_2m", schedule_type="karras", guidance=6.5, seed=1234, width=512, height=768,
+#     (no "Clip skip": the model's own layer, the last for SD 1.x); nothing is reported as not understood,
+#     since the hashes, model name and version only say what made the picture.
+
+NEGATIVE_PROMPT_PREFIX = "Negative prompt:"
+
+# One "Key: value" of the settings line, as A1111 reads it. A key is a word character and at least one more
+# word character, space, "-" or "/" (so "Schedule type", "Hires upscale", "SD/XL" but never a one-letter key).
+# A value is a JSON string (which may hold commas) or else everything up to the next comma, spaces included;
+# a quoted value that a comma does not follow is read the second way, quotes and all. Text that fits neither
+# (a word with no colon) is passed over.
+SETTING = re.compile(r"""
+    \s* (\w [\w \-/]+) : \s*
+    ( " (?: \\. | [^\\"] )+ "
+    | [^,]* )
+    (?: , | $)
+""", re.VERBOSE)
+FEWEST_SETTINGS = 3  # a last line with fewer pairs is a line of the prompt, not the settings (A1111's rule)
+IMAGE_SIZE = re.compile(r"(\d+)x(\d+)")  # "Size: 512x768", width first
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """An infotext taken apart: what parse_parameters gives and settings_from_parameters reads."""
+    prompt: str
+    negative_prompt: str
+    settings: dict[str, str]  # every "Key: value" of the last line, values unquoted, in order; "Size" as written
+
+
+def parse_parameters(text: str) -> Parameters:
+    """An infotext (parameters_text's, or A1111's) -> its prompt, negative prompt and settings, read as A1111
+    reads them, so that a text either wrote means here what it means there:
+
+    - the last line is the settings only if it holds at least 3 "Key: value" pairs; else it is prompt text
+      (a prompt that only mentions "style: x" stays a prompt);
+    - every other line is stripped of surrounding spaces; those before the first line that starts with
+      "Negative prompt:" are the prompt, that line (without the prefix) and the rest the negative prompt, each
+      joined with newlines, with empty lines at their start dropped;
+    - quoted values are unquoted (JSON); a value that fails to unquote is kept as written;
+    - a key with an empty value ("Key: ,") is left out, as A1111 leaves it out (its parser fails on it).
+    A key written twice keeps its first place and its last value.
+    """
+    *lines, last_line = text.strip().split("\n")
+    pairs = SETTING.findall(last_line)
+    if len(pairs) < FEWEST_SETTINGS:
+        lines.append(last_line)
+        pairs = []
+    prompt_lines, negative_lines = [], []
+    in_negative_prompt = False
+    for line in lines:
+        line = line.strip()
+        if line.startswith(NEGATIVE_PROMPT_PREFIX):  # a later line with the prefix loses it too, as in A1111
+            in_negative_prompt = True
+            line = line[len(NEGATIVE_PROMPT_PREFIX):].strip()
+        (negative_lines if in_negative_prompt else prompt_lines).append(line)
+    settings = {key: unquote_value(value) for key, value in pairs if value}
+    return Parameters("\n".join(prompt_lines).lstrip("\n"), "\n".join(negative_lines).lstrip("\n"), settings)
+
+
+def unquote_value(text: str) -> str:
+    """quote_value undone: a value in double quotes is a JSON string; one that does not decode stays as it is."""
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return text
+        return value if isinstance(value, str) else text
+    return text
+
+
+# Fields that say what made the picture, not how: taken in silence. (A different model or VAE does change the
+# picture, but the one to use is the checkpoint given on the command line; these only name or hash it.)
+INFORMATIONAL_SETTINGS = frozenset({
+    "Model", "Model hash", "VAE", "VAE hash", "Version", "TI hashes", "Lora hashes", "Hashes", "Hypernet hash",
+    "Init image hash", "User", "Batch size", "Batch pos",  # A1111; every image of a batch has its own seed
+    "Preview every",  # ours, on the strip of intermediate steps
+})
+# Schedule types that mean "the sampler's own spacing of the steps", our default (schedule_type None): A1111
+# writes "Automatic" for a sampler that has no schedule of its own and so walks the model's noise levels,
+# which its "Uniform" does too. Absent means the same: A1111 and describe() write a schedule only when there is one.
+DEFAULT_SCHEDULE_LABELS = ("Automatic", "Uniform")
+
+
+def settings_from_parameters(parameters: Parameters) -> tuple[dict, list[str]]:
+    """The settings sd_scratch can honour, as sample.generate's keyword arguments, and the keys of those it
+    cannot (in the text's order, for one warning), from the settings of parse_parameters.
+
+    Understood: Steps, Sampler (A1111's label; an old one such as "DPM++ 2M Karras" carries the schedule type),
+    Schedule type, CFG scale, Seed, Size, Clip skip, Denoising strength, Eta (and A1111's "Eta DDIM"),
+    Spacing (ours). Informational ones (INFORMATIONAL_SETTINGS) are dropped in silence; every other key is one
+    that changes the picture where it was made (hires fix, variation seeds, the RNG, sigma overrides, face
+    restoration, extensions' fields...) and is reported. Empty settings (a PNG that had only a prompt) give {}.
+    Raises ValueError, in one line, for a sampler or schedule type we lack and for a malformed number.
+    """
+    settings, not_understood = {}, []
+    for key, value in parameters.settings.items():
+        if key == "Steps":
+            settings["steps"] = whole_number(key, value)
+        elif key == "Sampler":
+            settings["sampler"], schedule_in_name = sampler_name(value)
+            if schedule_in_name is not None:
+                settings["schedule_type"] = schedule_in_name
+        elif key == "Schedule type":
+            settings.setdefault("schedule_type", schedule_type_name(value))  # A1111: the sampler label's wins
+        elif key == "CFG scale":
+            settings["guidance"] = real_number(key, value)
+        elif key == "Seed":
+            settings["seed"] = whole_number(key, value)
+        elif key == "Size":
+            size = IMAGE_SIZE.fullmatch(value.strip())
+            if size is None:
+                raise ValueError(f"Size {value!r} in the parameters is not WIDTHxHEIGHT, such as 512x768")
+            settings["width"], settings["height"] = int(size[1]), int(size[2])
+        elif key == "Clip skip":
+            layers = whole_number(key, value)  # counted from the last layer, 1; skip_last_layers counts those left out
+            if layers < 1:
+                raise ValueError(f"Clip skip {value!r} in the parameters is below 1, the last layer")
+            settings["skip_last_layers"] = layers - 1
+        elif key == "Denoising strength":
+            settings["strength"] = real_number(key, value)
+        elif key in ("Eta", "Eta DDIM"):  # A1111 writes "Eta DDIM" for DDIM-like samplers, "Eta" for the others
+            settings["eta"] = real_number(key, value)
+        elif key == "Spacing":
+            if value not in SPACINGS:
+                raise ValueError(f"Spacing {value!r} in the parameters is none of ours: {', '.join(SPACINGS)}")
+            settings["spacing"] = value
+        elif key not in INFORMATIONAL_SETTINGS:
+            not_understood.append(key)
+    # No "Clip skip": the model's own (SD 1.x reads the last layer, SD 2.x the penultimate). describe() writes the
+    # field whenever the model's own is not the last layer, or another was asked for.
+    if settings.get("schedule_type", "") is None:
+        del settings["schedule_type"]  # "Automatic": generate's own default
+    return settings, not_understood
+
+
+def sampler_name(label: str) -> tuple[str, str | None]:
+    """A1111's sampler label -> our sampler's name, and the schedule type its label carries, if any.
+
+    Before v1.9 A1111 had no "Schedule type": a Karras variant was a sampler of its own, "DPM++ 2M Karras"
+    (also "DPM++ SDE Karras", "DPM++ 2M SDE Exponential"); such a suffix is read as the schedule type. Case is
+    ignored, and our own names ("dpmpp_2m") are understood too.
+    """
+    names = {text.lower(): name for name, sampler_label in SAMPLER_LABELS.items() for text in (name, sampler_label)}
+    if label.lower() in names:
+        return names[label.lower()], None
+    suffixes = [*SCHEDULE_LABELS.values(), *DEFAULT_SCHEDULE_LABELS]
+    for suffix in sorted(suffixes, key=len, reverse=True):  # "SGM Uniform" before "Uniform"
+        if label.lower().endswith(" " + suffix.lower()):
+            base = label[:-len(suffix)].rstrip(" ").lower()
+            if base in names:
+                return names[base], schedule_type_name(suffix)
+    raise ValueError(f"sampler {label!r} in the parameters is none of ours: {', '.join(SAMPLER_LABELS.values())}")
+
+
+def schedule_type_name(label: str) -> str | None:
+    """A1111's "Schedule type" -> our schedule_type; None for the sampler's own spacing (our default)."""
+    if label.lower() in (text.lower() for text in DEFAULT_SCHEDULE_LABELS):
+        return None
+    for name, schedule_label in SCHEDULE_LABELS.items():
+        if label.lower() in (name, schedule_label.lower()):
+            return name
+    raise ValueError(f"schedule type {label!r} in the parameters is none of ours: "
+                     f"{', '.join([*DEFAULT_SCHEDULE_LABELS, *SCHEDULE_LABELS.values()])}")
+
+
+def whole_number(key: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{key} {value!r} in the parameters is not a whole number") from None
+
+
+def real_number(key: str, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{key} {value!r} in the parameters is not a number") from None
+    return finite(f"{key} in the parameters", number)  # "nan" and "inf" parse, but no sampler can use them
 
 
 def save_png(image: Image.Image, path: Path, parameters: str | None = None) -> Path:

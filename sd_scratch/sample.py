@@ -192,7 +192,7 @@ def describe(model: StableDiffusion, prompts: list[str], negative_prompt: str, s
     if schedule_type in SCHEDULE_LABELS:
         settings["Schedule type"] = SCHEDULE_LABELS[schedule_type]
     settings |= {"CFG scale": guidance, "Seed": None, "Size": f"{width}x{height}", "Model": Path(model.source).stem}
-    if skip:
+    if skip or model.skip_last_layers:  # so that reading it back restores it, also for a model that skips by itself
         settings["Clip skip"] = skip + 1  # the web UIs count the last layer as 1
     if strength is not None:
         settings["Denoising strength"] = strength
