@@ -35,9 +35,10 @@ from tqdm.auto import tqdm
 
 from sd_scratch import samplers
 from sd_scratch.checks import check_seeds, check_size, finite
-from sd_scratch.conditioning import encode_prompts, guidance_batch
+from sd_scratch.conditioning import schedule_conditioning
 from sd_scratch.images import parameters_text, save_png, to_pil
 from sd_scratch.loading import StableDiffusion, release_weights
+from sd_scratch.loading.embeddings import Embedding
 from sd_scratch.vae import decode_tiled
 
 
@@ -113,9 +114,13 @@ def images_to_latents(model: StableDiffusion, images: torch.Tensor, generators: 
 def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: str = "", *, steps: int = 25,
              guidance: float = 7.5, sampler: str = "euler", spacing: str | None = None, karras: bool = False,
              schedule_type: str | None = None, eta: float | None = None, seed: int = 0, height: int | None = None,
-             width: int | None = None, skip_last_layers: int | None = None, init_image: torch.Tensor | None = None, strength: float = 0.8,
-             preview_every: int = 0, speed: SpeedAndMemory = SpeedAndMemory(), progress: bool = True) -> Generation:
+             width: int | None = None, skip_last_layers: int | None = None, init_image: torch.Tensor | None = None,
+             strength: float = 0.8, embeddings: list[Embedding] = (), preview_every: int = 0,
+             speed: SpeedAndMemory = SpeedAndMemory(), progress: bool = True) -> Generation:
     """Images for `prompts` (one image per prompt; image i uses seed + i).
+
+    Prompts are read in AUTOMATIC1111's syntax: (emphasis:1.2), [less], BREAK, any length, prompt editing
+    [from:to:when] and [a|b], and the names of `embeddings` (textual inversion, `loading.load_embedding`).
 
     spacing: how the steps spread over the training timesteps (None: the model's, "leading" for SD).
     schedule_type: how the noise levels are placed (schedule.SCHEDULE_TYPES); karras=True is "karras".
@@ -134,12 +139,11 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
     guided = guidance > 1 or samplers.needs_unconditional(sampler)
     unet = prepare_unet(model, speed)
 
-    # 1. Text -> conditioning, for the prompt and for the negative prompt that guidance steers away from
-    conditioning = encode_prompts(model, prompts, skip_last_layers)
-    if guided:
-        conditioning = guidance_batch(encode_prompts(model, [negative_prompt] * len(prompts), skip_last_layers),
-                                      conditioning)  # [uncond, cond]: one UNet call serves both halves
-    conditioning = conditioning.to(model.dtype)
+    # 1. Text -> conditioning, for the prompt and for the negative prompt that guidance steers away from,
+    #    [uncond, cond] in one batch so that one UNet call serves both halves; prompt editing gives one
+    #    conditioning for each stretch of steps where the prompts stay the same
+    conditionings = schedule_conditioning(model, prompts, negative_prompt, steps, guided=guided,
+                                          skip_last_layers=skip_last_layers, embeddings=embeddings).to(model.dtype)
     release_weights(model.text_encoder)  # done with it: weights still in the file need no memory now
 
     # 2. The sampler's walk down the noise levels
@@ -158,6 +162,7 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
     # 4. The denoising loop
     state, previews = samplers.initial_state(plan), []
     for i, t in enumerate(tqdm(plan.timesteps, disable=not progress, desc=sampler)):
+        conditioning = conditionings.at(samplers.step_of_call(plan, i))  # prompt editing: this step's prompt
         model_input = samplers.scale_model_input(plan, i, latents)
         if guided:
             model_input = torch.cat([model_input] * 2)  # (2B, C, h, w): the uncond and cond halves
@@ -175,7 +180,8 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
     images = latents_to_images(model, latents, speed.tiled_decode)
     settings = dict(steps=steps, guidance=guidance, sampler=sampler, spacing=spacing, schedule_type=plan.schedule_type,
                     eta=eta, height=height, width=width, skip_last_layers=skip_last_layers,
-                    strength=None if init_image is None else strength)
+                    strength=None if init_image is None else strength,
+                    embeddings=[e for e in embeddings if e.name in conditionings.embeddings_used])
     return Generation(images, to_pil(images), describe(model, prompts, negative_prompt, seed, **settings), previews)
 
 
@@ -185,7 +191,8 @@ SCHEDULE_LABELS = {"karras": "Karras", "exponential": "Exponential", "beta": "Be
 
 
 def describe(model: StableDiffusion, prompts: list[str], negative_prompt: str, seed: int, *, steps, guidance,
-             sampler, spacing, schedule_type, eta, height, width, skip_last_layers, strength) -> list[str]:
+             sampler, spacing, schedule_type, eta, height, width, skip_last_layers, strength,
+             embeddings=()) -> list[str]:
     """Each image's `parameters` text: its prompt and what made it, in AUTOMATIC1111's names."""
     skip = model.skip_last_layers if skip_last_layers is None else skip_last_layers
     settings = {"Steps": steps, "Sampler": samplers.SAMPLERS[sampler].label}
@@ -200,6 +207,9 @@ def describe(model: StableDiffusion, prompts: list[str], negative_prompt: str, s
         settings["Eta"] = eta
     if spacing is not None:
         settings["Spacing"] = spacing  # not an A1111 field: diffusers' timestep_spacing
+    if embeddings:  # which embedding files the prompts used, by name and short hash, as A1111 writes them
+        settings["TI hashes"] = ", ".join(f"{e.name.replace(':', '').replace(',', '')}: {e.short_hash}"
+                                          for e in embeddings)
     return [parameters_text(prompt, negative_prompt, {**settings, "Seed": seed + i})
             for i, prompt in enumerate(prompts)]
 

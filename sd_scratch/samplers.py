@@ -84,6 +84,7 @@ class Sampler:
     default_eta: float | None = None  # for samplers that add fresh noise: how much unless told (None: no eta)
     schedule_types: tuple[str, ...] = noise_schedule.SCHEDULE_TYPES  # the placements of noise levels it walks
     calls_per_step: int = 1  # UNet calls per step (Heun: 2), diffusers' scheduler.order
+    extra_first_calls: int = 0  # calls before the first step's own (PLMS takes its first step twice: 1)
     # CFG++: the step also takes the unconditional prediction, and guidance is lambda in [0, 1] (its section)
     uses_unconditional: bool = False
 
@@ -231,6 +232,13 @@ def scale_model_input(plan: Plan, i: int, x: torch.Tensor) -> torch.Tensor:
         return x
     sigma = plan.sigmas[i]
     return x / ((sigma**2 + 1) ** 0.5)
+
+
+def step_of_call(plan: Plan, i: int) -> int:
+    """Which step call i belongs to, counting the steps this plan runs from 0 (prompt editing switches by step)."""
+    _check_call(plan, i)
+    sampler = SAMPLERS[plan.name]
+    return max(i - sampler.extra_first_calls, 0) // sampler.calls_per_step
 
 
 def predicted_x0(plan: Plan, i: int, x: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
@@ -538,7 +546,7 @@ def step_pndm(plan, i, x, model_output, state, generators):
 
 
 SAMPLERS["pndm"] = Sampler("PLMS", "alpha", plms_grid, denoised_at_timestep, step_pndm, PlmsState(),
-                           schedule_types=("spaced",))
+                           schedule_types=("spaced",), extra_first_calls=1)
 
 
 # ----------------------------------------------------------------------------------------------

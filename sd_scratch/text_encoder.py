@@ -112,18 +112,23 @@ class TextEncoder(nn.Module):
             final_layer_norm=nn.LayerNorm(config.width, eps=config.layer_norm_eps),
         ))
 
-    def forward(self, input_ids: torch.Tensor, skip_last_layers: int = 0) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, skip_last_layers: int = 0,
+                token_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids -> (B, T, width) embeddings, after the final layer norm.
 
         skip_last_layers=k stops k layers before the end ("CLIP skip"): 1 reads the penultimate
         layer, as SD 2.x always does and diffusers' `clip_skip=1` does. The final layer norm is
         applied to whichever layer is read, as both the original SD 2.x code and diffusers do.
+        token_embeddings: (B, T, width) to use instead of looking the ids up, e.g. with a textual-inversion
+        embedding's learned vectors put at its positions (conditioning.py).
         """
         model = self.text_model
+        if token_embeddings is None:
+            token_embeddings = model.embeddings.token_embedding(input_ids)
         # Positions are always 0..T-1, so they are computed here rather than stored: SD 1.x files
         # carry a `position_ids` tensor, which some merged checkpoints hold as damaged floats.
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = model.embeddings.token_embedding(input_ids) + model.embeddings.position_embedding(positions)
+        x = token_embeddings + model.embeddings.position_embedding(positions)
         layers = model.encoder.layers
         if not 0 <= skip_last_layers < len(layers):
             raise ValueError(f"skip_last_layers must be in 0..{len(layers) - 1}, got {skip_last_layers}")
