@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 from sd_scratch.checks import SEED_RANGE, check_seeds, check_size, finite
+from sd_scratch.prompts import parse_emphasis, prompt_schedule
 
 DEFAULT_PROMPT = "a red circle on a blue background"  # in the shipped tiny model's vocabulary
 DEFAULT_GUIDANCE = 7.5  # SD's usual scale, for models that recommend none
@@ -103,6 +104,13 @@ def build_parser() -> ArgumentParser:
                    help="weights' precision (default: fp16 on GPU, fp32 on CPU)")
     p.add_argument("--clip-skip", type=int,
                    help="skip the text encoder's last N layers (diffusers' clip_skip; default: the model's)")
+    p.add_argument("--embedding", type=Path, action="append", default=[], metavar="PATH",
+                   help="a textual-inversion embedding (.safetensors, .pt, .bin); its file name is the word that "
+                        "calls it in a prompt (repeatable)")
+    p.add_argument("--embeddings-dir", type=Path, metavar="DIR", help="every embedding file in this folder")
+    p.add_argument("--parameters-from", type=Path, metavar="IMAGE",
+                   help="take prompt, negative prompt, steps, sampler, schedule type, CFG scale, seed, size and clip "
+                        "skip from a PNG's parameters (ours or AUTOMATIC1111's); flags given here win")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                    help="override what the UNet predicts (SD 2.x base: epsilon)")
     p.add_argument("--init-image", type=Path, help="start from this image (image-to-image)")
@@ -120,6 +128,49 @@ def build_parser() -> ArgumentParser:
     return p
 
 
+# --parameters-from: what a PNG's parameters (images.settings_from_parameters) set, by command-line destination.
+PARAMETER_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "steps", "sampler": "sampler",
+                   "schedule_type": "schedule", "guidance": "guidance", "seed": "seed", "width": "width",
+                   "height": "height", "skip_last_layers": "clip_skip", "eta": "eta", "strength": "strength",
+                   "spacing": "spacing"}
+
+
+def typed_flags(parser: ArgumentParser, argv: list[str] | None) -> set[str]:
+    """Which of PARAMETER_FLAGS (and --from-file) were typed: parsed again with each preset to a marker, which
+    argparse leaves in place of a default."""
+    unset = object()
+    names = [*PARAMETER_FLAGS.values(), "from_file"]
+    typed = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(names, unset)))
+    return {name for name in names if getattr(typed, name) is not unset}
+
+
+def apply_parameters_from(args, given: set[str]) -> None:
+    """Fill args from the PNG named by --parameters-from, except what was typed on the command line."""
+    from sd_scratch.images import parse_parameters, read_parameters, settings_from_parameters
+
+    try:
+        text = read_parameters(args.parameters_from)
+    except OSError as error:
+        raise UsageError(f"cannot read {args.parameters_from}: {error.strerror or error}")
+    if text is None:
+        raise UsageError(f"{args.parameters_from} carries no generation parameters (no 'parameters' text chunk): "
+                         "give the settings as flags instead")
+    parameters = parse_parameters(text)
+    try:
+        settings, not_understood = settings_from_parameters(parameters)
+    except ValueError as error:
+        raise UsageError(f"{args.parameters_from}: {error}")
+    settings |= {"prompt": parameters.prompt, "negative_prompt": parameters.negative_prompt}
+    if not_understood:
+        warnings.warn(f"{args.parameters_from}: these settings are not used here: {', '.join(not_understood)}")
+    typed = given | ({"prompt"} if "from_file" in given else set())  # --from-file replaces the prompt too
+    if args.init_image is None:
+        settings.pop("strength", None)  # image-to-image's: without --init-image there is nothing to keep
+    for name, value in settings.items():
+        if PARAMETER_FLAGS[name] not in typed:
+            setattr(args, PARAMETER_FLAGS[name], value)
+
+
 def check_arguments(args) -> list[str]:
     """Everything about the request that can be wrong and needs no torch, found before it is imported."""
     if args.prompt is not None and args.from_file is not None:
@@ -135,6 +186,12 @@ def check_arguments(args) -> list[str]:
             raise UsageError(f"prompt file {args.from_file} has no prompts: write one prompt per line")
     else:
         prompts = [args.prompt if args.prompt is not None else DEFAULT_PROMPT]
+    try:  # a weight written as a number that is not one, e.g. (word:1.2.3), is the only unreadable prompt
+        for prompt in [*prompts, args.negative_prompt]:
+            for _, text in prompt_schedule(prompt, args.steps if args.steps >= 1 else 1):
+                parse_emphasis(text)
+    except ValueError as error:
+        raise UsageError(f"{error}: write the weight as a number, e.g. (word:1.2), or \\( \\) for brackets as text")
     try:
         for name in ("height", "width"):
             if getattr(args, name) is not None:
@@ -160,6 +217,11 @@ def check_arguments(args) -> list[str]:
         raise UsageError("--save-intermediates must be 0 (off) or a positive number of steps")
     if args.attention_slices < 1:
         raise UsageError(f"--attention-slices must be at least 1 (1 is off), got {args.attention_slices}")
+    for path in args.embedding:
+        if not path.is_file():
+            raise UsageError(f"embedding file not found: {path}")
+    if args.embeddings_dir is not None and not args.embeddings_dir.is_dir():
+        raise UsageError(f"embeddings folder not found: {args.embeddings_dir}")
     if args.init_image is not None:
         from PIL import Image, UnidentifiedImageError
         try:
@@ -184,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     format_warning = warnings.formatwarning
     warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # one line, no source
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.parameters_from is not None:
+            apply_parameters_from(args, typed_flags(parser, argv))
         prompts = check_arguments(args)
         return run(args, prompts)
     except UsageError as error:
@@ -241,6 +306,7 @@ def run(args, prompts: list[str]) -> int:
     skip = model.skip_last_layers if args.clip_skip is None else args.clip_skip
     if skip >= model.text_encoder.config.layers:
         raise UsageError(f"--clip-skip {skip} leaves no text encoder layer: it has {model.text_encoder.config.layers}")
+    embeddings = read_embeddings(args, model.text_encoder.config.width)
     init_image = None
     if args.init_image is not None:
         from PIL import Image
@@ -257,7 +323,8 @@ def run(args, prompts: list[str]) -> int:
                           schedule_type=args.schedule, eta=args.eta, seed=args.seed + job * args.n_samples,
                           height=height, width=width,
                           skip_last_layers=args.clip_skip, init_image=init_image,
-                          strength=args.strength or 0.8, preview_every=args.save_intermediates, speed=speed,
+                          strength=args.strength or 0.8, embeddings=embeddings,
+                          preview_every=args.save_intermediates, speed=speed,
                           progress=not one_bar)
         for i, (image, parameters) in enumerate(zip(result.pil_images, result.parameters)):
             path = save_numbered(image, args.outdir, "sample", parameters)
@@ -273,6 +340,23 @@ def run(args, prompts: list[str]) -> int:
     if args.grid and len(made) > 1:
         print(save_numbered(grid(made, columns=args.n_samples), args.outdir, "grid", grid_parameters))
     return 0
+
+
+def read_embeddings(args, width: int) -> list:
+    """The textual-inversion embeddings of --embedding and --embeddings-dir, checked against the text encoder."""
+    from sd_scratch.loading.embeddings import EmbeddingError, load_embedding, load_embeddings_dir
+
+    try:
+        embeddings = [load_embedding(path, width) for path in args.embedding]
+        if args.embeddings_dir is not None:
+            embeddings += load_embeddings_dir(args.embeddings_dir, width)
+    except EmbeddingError as error:
+        raise UsageError(str(error))
+    names = [e.name for e in embeddings]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise UsageError(f"two embedding files are called {', '.join(twice)}: a prompt word can call only one")
+    return embeddings
 
 
 def pick_device(name: str):

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -104,11 +105,17 @@ def test_image_to_image_from_the_command_line(checkpoint, tmp_path):
     assert "Denoising strength: 0.5" in read_parameters(out / "sample-00000.png")
 
 
-def test_long_prompt_warns_with_the_dropped_words(checkpoint, tmp_path):
-    long_prompt = " ".join(["circle"] * 80) + " zebra"
-    with pytest.warns(UserWarning, match=r"prompt is 81 tokens, CLIP reads only 75; .*zebra"):
+def test_a_long_prompt_is_read_whole_and_only_past_eight_chunks_warns(checkpoint, tmp_path):
+    long_prompt = " ".join(["circle"] * 80) + " zebra"  # 81 tokens: two chunks, nothing dropped, nothing said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         assert main(["--checkpoint", str(checkpoint), "--prompt", long_prompt, "--steps", "1",
-                     "--outdir", str(tmp_path)]) == 0
+                     "--outdir", str(tmp_path / "a")]) == 0
+    assert read_parameters(tmp_path / "a" / "sample-00000.png").startswith(long_prompt + "\n")
+    too_long = " ".join(["circle"] * 600) + " zebra"
+    with pytest.warns(UserWarning, match=r"prompt is 9 chunks of 75 tokens, more than the 8 read; .*'zebra'"):
+        assert main(["--checkpoint", str(checkpoint), "--prompt", too_long, "--steps", "1",
+                     "--outdir", str(tmp_path / "b")]) == 0
 
 
 @pytest.mark.parametrize("args, message", [
