@@ -116,6 +116,18 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--init-image", type=Path, help="start from this image (image-to-image)")
     p.add_argument("--strength", type=finite_float,
                    help="image-to-image: how much noise to add, in (0, 1] (default: 0.8)")
+    p.add_argument("--mask", type=Path, metavar="IMAGE",
+                   help="inpainting: repaint where this picture is white, keep where it is black (with --init-image; "
+                        "--strength then defaults to 1)")
+    p.add_argument("--mask-blur", type=finite_float, default=0, metavar="PIXELS",
+                   help="blur the mask first (Gaussian radius): moves its edge and softens --paste-back (default: 0)")
+    p.add_argument("--invert-mask", action="store_true", help="repaint where the mask is black instead")
+    p.add_argument("--paste-back", action="store_true",
+                   help="put the init image's pixels back outside the mask (AUTOMATIC1111's default; off: the "
+                        "model's picture, as diffusers gives it)")
+    p.add_argument("--outpaint", metavar="LEFT,TOP,RIGHT,BOTTOM",
+                   help="extend the init image by these many pixels (multiples of 8) on each side and paint the new "
+                        "border")
     p.add_argument("--save-intermediates", type=int, default=0, metavar="K",
                    help="also save a strip of the predicted clean image every K steps")
     p.add_argument("--attention-slices", type=int, default=1, metavar="N",
@@ -201,6 +213,7 @@ def check_arguments(args) -> list[str]:
         check_seeds(args.seed, images_in_run(args, prompts), "--seed")
     except ValueError as error:
         raise UsageError(str(error))
+    check_inpainting_arguments(args)
     if args.strength is not None and args.init_image is None:
         raise UsageError("--strength needs --init-image: it says how much of the init image to keep")
     if args.strength is not None and not 0 < args.strength <= 1:
@@ -238,6 +251,56 @@ def check_arguments(args) -> list[str]:
     return prompts
 
 
+def check_inpainting_arguments(args) -> None:
+    """--mask, --outpaint and their options, read before torch: sizes, alpha, multiples of 8."""
+    if args.mask_blur < 0:
+        raise UsageError(f"--mask-blur must not be negative, got {args.mask_blur}")
+    mask_options = [flag for flag, given in [("--mask-blur", args.mask_blur > 0), ("--invert-mask", args.invert_mask),
+                                             ("--paste-back", args.paste_back)] if given]
+    if args.mask is None and args.outpaint is None:
+        if mask_options:
+            raise UsageError(f"{', '.join(mask_options)} needs --mask or --outpaint")
+        return
+    if args.init_image is None:
+        raise UsageError(f"{'--mask' if args.mask is not None else '--outpaint'} needs --init-image: the picture "
+                         "to repaint")
+    if args.mask is not None and args.outpaint is not None:
+        raise UsageError("give --mask or --outpaint, not both: --outpaint makes its own mask of the new border")
+    if args.outpaint is not None:
+        args.outpaint = outpaint_borders(args.outpaint)
+        if args.invert_mask:
+            raise UsageError("--invert-mask with --outpaint would repaint the picture and keep the border")
+        if args.width is not None or args.height is not None:
+            raise UsageError("--outpaint sets the size (the init image's plus the borders): leave out --width and "
+                             "--height")
+        return
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(args.mask) as mask, Image.open(args.init_image) as image:
+            mask.load()
+            if mask.mode in ("RGBA", "LA", "PA") or "transparency" in mask.info:
+                raise UsageError(f"the mask {args.mask} has an alpha channel, which could mean either thing: save "
+                                 "it without transparency, white where to repaint and black where to keep")
+            if mask.size != image.size:
+                raise UsageError(f"the mask {args.mask} is {mask.size[0]}x{mask.size[1]} and the init image "
+                                 f"{image.size[0]}x{image.size[1]}: draw the mask on the picture's own size")
+    except (OSError, UnidentifiedImageError) as error:
+        raise UsageError(f"cannot read mask {args.mask}: {error}")
+
+
+def outpaint_borders(text: str) -> tuple[int, int, int, int]:
+    """'LEFT,TOP,RIGHT,BOTTOM' -> four pixel counts, each a multiple of 8, not all 0."""
+    try:
+        borders = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        borders = ()
+    if len(borders) != 4:
+        raise UsageError(f"--outpaint takes LEFT,TOP,RIGHT,BOTTOM in pixels, e.g. 0,0,64,0; got {text!r}")
+    if any(b < 0 or b % 8 for b in borders) or not any(borders):
+        raise UsageError(f"--outpaint borders must be multiples of 8, not negative and not all 0; got {text}")
+    return borders
+
+
 def images_in_run(args, prompts: list[str]) -> int:
     return args.n_iter * len(prompts) * args.n_samples
 
@@ -264,10 +327,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args, prompts: list[str]) -> int:
     import torch
+    from PIL import Image
     from tqdm.auto import tqdm
 
     from sd_scratch import samplers
-    from sd_scratch.images import from_pil, grid, save_numbered, save_png, to_pil
+    from sd_scratch.images import from_pil, grid, mask_from_pil, save_numbered, save_png, to_pil
     from sd_scratch.loading import CheckpointError, load_checkpoint
     from sd_scratch.sample import SpeedAndMemory, check_unet_input, generate
 
@@ -275,7 +339,7 @@ def run(args, prompts: list[str]) -> int:
         plan = samplers.make_plan(args.sampler, args.steps, spacing=args.spacing, karras=args.karras,
                                   schedule_type=args.schedule, eta=args.eta)
         if args.init_image is not None:
-            samplers.img2img_plan(plan, args.strength or 0.8)
+            samplers.img2img_plan(plan, args.strength or (0.8 if args.mask is None and args.outpaint is None else 1))
     except ValueError as error:
         raise UsageError(str(error))
     device = pick_device(args.device)
@@ -283,13 +347,23 @@ def run(args, prompts: list[str]) -> int:
     dtype = dtypes.get(args.dtype) or (torch.float32 if device.type == "cpu" else torch.float16)
     try:
         model = load_checkpoint(args.checkpoint, device=device, dtype=dtype, prediction_type=args.prediction_type)
-        check_unet_input(model)
+        check_unet_input(model, inpainting=args.mask is not None or args.outpaint is not None)
         samplers.make_plan(args.sampler, args.steps, spacing=args.spacing, karras=args.karras,
                            schedule_type=args.schedule, eta=args.eta, prediction_type=model.prediction_type,
                            schedule=model.schedule)
     except (CheckpointError, ValueError) as error:
         raise UsageError(str(error))
-    height, width = args.height or model.image_size, args.width or model.image_size
+    init, mask = read_init_image_and_mask(args)  # PIL pictures, or None
+    if mask is not None:  # inpainting keeps the picture's own size unless told otherwise
+        height, width = args.height or init.size[1], args.width or init.size[0]
+        try:
+            check_size("height", height)
+            check_size("width", width)
+        except ValueError as error:
+            raise UsageError(f"the init image{' with its borders' if args.outpaint else ''} is "
+                             f"{init.size[0]}x{init.size[1]}: {error} (--width and --height resize it)")
+    else:
+        height, width = args.height or model.image_size, args.width or model.image_size
     if args.guidance is not None:
         guidance = args.guidance
     elif samplers.needs_unconditional(args.sampler):
@@ -307,11 +381,12 @@ def run(args, prompts: list[str]) -> int:
     if skip >= model.text_encoder.config.layers:
         raise UsageError(f"--clip-skip {skip} leaves no text encoder layer: it has {model.text_encoder.config.layers}")
     embeddings = read_embeddings(args, model.text_encoder.config.width)
-    init_image = None
-    if args.init_image is not None:
-        from PIL import Image
-        with Image.open(args.init_image) as image:
-            init_image = from_pil(image, width, height)
+    init_image = None if init is None else from_pil(init, width, height)
+    soft_mask = None
+    if mask is not None:
+        if mask.size != (width, height):
+            mask = mask.resize((width, height), resample=Image.LANCZOS)
+        soft_mask = mask_from_pil(mask, args.mask_blur, args.invert_mask)
 
     speed = SpeedAndMemory(args.attention_slices, args.tiled_decode, args.compile)
     jobs = [prompt for _ in range(args.n_iter) for prompt in prompts]  # one batch each; image i uses seed + i
@@ -322,8 +397,8 @@ def run(args, prompts: list[str]) -> int:
                           guidance=guidance, sampler=args.sampler, spacing=args.spacing, karras=args.karras,
                           schedule_type=args.schedule, eta=args.eta, seed=args.seed + job * args.n_samples,
                           height=height, width=width,
-                          skip_last_layers=args.clip_skip, init_image=init_image,
-                          strength=args.strength or 0.8, embeddings=embeddings,
+                          skip_last_layers=args.clip_skip, init_image=init_image, strength=args.strength,
+                          mask=soft_mask, paste_back=args.paste_back, embeddings=embeddings,
                           preview_every=args.save_intermediates, speed=speed,
                           progress=not one_bar)
         for i, (image, parameters) in enumerate(zip(result.pil_images, result.parameters)):
@@ -340,6 +415,24 @@ def run(args, prompts: list[str]) -> int:
     if args.grid and len(made) > 1:
         print(save_numbered(grid(made, columns=args.n_samples), args.outdir, "grid", grid_parameters))
     return 0
+
+
+def read_init_image_and_mask(args):
+    """The init image and the mask as PIL pictures (None when not given); --outpaint makes both."""
+    from PIL import Image
+
+    from sd_scratch.images import extend_for_outpainting
+
+    if args.init_image is None:
+        return None, None
+    with Image.open(args.init_image) as image:
+        init = image.copy()
+    if args.outpaint is not None:
+        return extend_for_outpainting(init, *args.outpaint)
+    if args.mask is None:
+        return init, None
+    with Image.open(args.mask) as mask:
+        return init, mask.copy()
 
 
 def read_embeddings(args, width: int) -> list:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageFilter, ImageOps, PngImagePlugin
 
 from sd_scratch.checks import finite
 # The A1111 labels of our samplers and schedule types: cli keeps torch-free copies of them (equal to samplers'
@@ -50,6 +50,54 @@ def from_pil(image: Image.Image, width: int, height: int) -> torch.Tensor:
             image = image.resize((width, height), resample=Image.LANCZOS)
         array = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None] * 2 - 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masks for inpainting. White repaints, black keeps (the convention of diffusers and AUTOMATIC1111).
+
+
+def mask_from_pil(image: Image.Image, blur: float = 0, invert: bool = False) -> torch.Tensor:
+    """A mask picture -> (1, 1, H, W) in [0, 1], 1 where the picture is to be repainted: the soft mask.
+
+    Read as grayscale (PIL's "L", ITU-R 601 luma, as diffusers' VaeImageProcessor reads masks), inverted if
+    asked, then blurred with a Gaussian of radius `blur` pixels (PIL's, as diffusers' `blur`). What the model
+    is given is this mask cut at 0.5 (`binarise`): blurring moves that edge outwards where the white region is
+    convex and inwards where it is concave, and softens the optional paste-back, which uses the soft mask.
+    """
+    if image.mode in HIGH_DEPTH_WHITE:  # 16-bit or float masks: keep their scale, then 8 bits as "L" would
+        gray = np.asarray(image, dtype=np.float32) / HIGH_DEPTH_WHITE[image.mode]
+        image = Image.fromarray((np.clip(gray, 0, 1) * 255).round().astype(np.uint8))
+    gray = image.convert("L")
+    if invert:
+        gray = ImageOps.invert(gray)
+    if blur > 0:
+        gray = gray.filter(ImageFilter.GaussianBlur(blur))
+    return torch.from_numpy(np.asarray(gray, dtype=np.float32) / 255.0)[None, None]
+
+
+def binarise(mask: torch.Tensor) -> torch.Tensor:
+    """The mask the model is given: 1 (repaint) where the soft mask is at least 0.5, else 0, as diffusers' mask
+    processor binarises it."""
+    return (mask >= 0.5).to(mask.dtype)
+
+
+def paste_back(original: torch.Tensor, result: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The original pixels where the soft mask keeps them, the result where it repaints, blended between
+    (AUTOMATIC1111's default overlay). All in [0, 1]; mask (1 or B, 1, H, W)."""
+    mask = mask.to(result.device, result.dtype)
+    return original.to(result.device, result.dtype) * (1 - mask) + result * mask
+
+
+def extend_for_outpainting(image: Image.Image, left: int, top: int, right: int,
+                           bottom: int) -> tuple[Image.Image, Image.Image]:
+    """The picture on a larger canvas, and the mask of the new border (white). The border starts as the
+    picture's edge pixels stretched outwards: at a strength below 1 the model starts from colours that
+    continue the picture's, where noise or a flat fill would be read as a frame around it."""
+    rgb = np.asarray(image.convert("RGB"))
+    extended = np.pad(rgb, ((top, bottom), (left, right), (0, 0)), mode="edge")
+    mask = np.full(extended.shape[:2], 255, dtype=np.uint8)
+    mask[top:top + rgb.shape[0], left:left + rgb.shape[1]] = 0
+    return Image.fromarray(extended), Image.fromarray(mask)
 
 
 def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:

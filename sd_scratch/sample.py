@@ -30,13 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
 from sd_scratch import samplers
 from sd_scratch.checks import check_seeds, check_size, finite
 from sd_scratch.conditioning import schedule_conditioning
-from sd_scratch.images import parameters_text, save_png, to_pil
+from sd_scratch.images import binarise, parameters_text, save_png, to_pil
+from sd_scratch.images import paste_back as paste_images_back
 from sd_scratch.loading import StableDiffusion, release_weights
 from sd_scratch.loading.embeddings import Embedding
 from sd_scratch.vae import decode_tiled
@@ -115,8 +117,9 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
              guidance: float = 7.5, sampler: str = "euler", spacing: str | None = None, karras: bool = False,
              schedule_type: str | None = None, eta: float | None = None, seed: int = 0, height: int | None = None,
              width: int | None = None, skip_last_layers: int | None = None, init_image: torch.Tensor | None = None,
-             strength: float = 0.8, embeddings: list[Embedding] = (), preview_every: int = 0,
-             speed: SpeedAndMemory = SpeedAndMemory(), progress: bool = True) -> Generation:
+             strength: float | None = None, mask: torch.Tensor | None = None, paste_back: bool = False,
+             embeddings: list[Embedding] = (), preview_every: int = 0, speed: SpeedAndMemory = SpeedAndMemory(),
+             progress: bool = True) -> Generation:
     """Images for `prompts` (one image per prompt; image i uses seed + i).
 
     Prompts are read in AUTOMATIC1111's syntax: (emphasis:1.2), [less], BREAK, any length, prompt editing
@@ -126,18 +129,27 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
     schedule_type: how the noise levels are placed (schedule.SCHEDULE_TYPES); karras=True is "karras".
     eta: noise added back at each step; None means the sampler's usual value (euler_a: 1, ddim: 0).
     skip_last_layers: "CLIP skip", text encoder layers not run (None: the model's own).
-    init_image: (B or 1, 3, H, W) in [-1, 1] for image-to-image, noised to `strength` (1 = pure noise).
+    init_image: (B or 1, 3, H, W) in [-1, 1] for image-to-image, noised to `strength` (default 0.8; with a
+        mask 1: start from pure noise).
+    mask: inpainting, (B or 1, 1, H, W) in [0, 1], 1 = repaint, the init image kept elsewhere: `images.mask_from_pil`.
+        An inpainting checkpoint (9 UNet input channels) sees it; an ordinary one has the kept region put back
+        after every step. paste_back: put the original pixels back outside the mask (blended by the mask).
     preview_every: if > 0, also decode the predicted clean image every that many UNet calls.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     height, width = image_size(model, init_image, height, width)
+    strength = (0.8 if mask is None else 1.0) if strength is None else strength
+    inpainting = check_inpainting(model, init_image, mask, height, width)
+    if inpainting and not binarise(mask).any():
+        warnings.warn("the mask is black everywhere: nothing to repaint, the init image is returned", stacklevel=2)
+        return unchanged(model, prompts, negative_prompt, seed, init_image, steps, guidance, sampler, strength)
     check_seeds(seed, len(prompts))
     finite("guidance", guidance)
     samplers.check_guidance(sampler, guidance)
     # At guidance 1 the unconditional half would cancel out: skip it, as diffusers does (unless the sampler
     # re-noises with it: CFG++).
     guided = guidance > 1 or samplers.needs_unconditional(sampler)
-    unet = prepare_unet(model, speed)
+    unet = prepare_unet(model, speed, inpainting)
 
     # 1. Text -> conditioning, for the prompt and for the negative prompt that guidance steers away from,
     #    [uncond, cond] in one batch so that one UNet call serves both halves; prompt editing gives one
@@ -150,20 +162,31 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
     plan = samplers.make_plan(sampler, steps, spacing=spacing, karras=karras, schedule_type=schedule_type, eta=eta,
                               prediction_type=model.prediction_type, schedule=model.schedule)
 
-    # 3. The starting latents: pure noise, or the encoded image noised to the strength's level
+    # 3. The starting latents: pure noise, or the encoded image noised to the strength's level. Each image draws
+    #    from its own generator in diffusers' order: the image's latent, the noise, the masked image's latent.
     generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts))]
+    pure_noise = init_image is None or (inpainting and strength == 1)  # inpainting at strength 1 ignores the image
     if init_image is not None:
         plan = samplers.img2img_plan(plan, strength)
-        clean = images_to_latents(model, init_image, generators)  # draws from each generator before the noise
+        if not (pure_noise and inpainting_unet(model)):  # (diffusers encodes it only where it will be used)
+            clean = images_to_latents(model, init_image, generators)
     noise = initial_noise(generators, latent_shape(model, height, width), model.device)
-    latents = noise * plan.init_noise_sigma if init_image is None else samplers.add_noise(plan, clean, noise)
+    latents = noise * plan.init_noise_sigma if pure_noise else samplers.add_noise(plan, clean, noise)
     latents = latents.to(model.dtype)
+    if inpainting:  # the mask at latent size, 1 = repaint, and the latents of the picture with the hole made grey
+        repaint, hole_latents = mask_latents(model, mask, init_image, generators, latents.shape[-2:])
+    if init_image is not None:
+        release_weights(model.vae.encoder)  # done with the encoder, as with the text encoder above
+    # Inpainting: an inpainting UNet sees the mask; an ordinary one has the kept region put back after each step
+    sees_mask, puts_back = inpainting and inpainting_unet(model), inpainting and not inpainting_unet(model)
 
     # 4. The denoising loop
     state, previews = samplers.initial_state(plan), []
     for i, t in enumerate(tqdm(plan.timesteps, disable=not progress, desc=sampler)):
         conditioning = conditionings.at(samplers.step_of_call(plan, i))  # prompt editing: this step's prompt
         model_input = samplers.scale_model_input(plan, i, latents)
+        if sees_mask:  # the inpainting UNet's input: the latents, the mask, the latents of the holed picture
+            model_input = torch.cat([model_input, repaint, hole_latents], dim=1)
         if guided:
             model_input = torch.cat([model_input] * 2)  # (2B, C, h, w): the uncond and cond halves
             noise_uncond, noise_cond = unet(model_input, t, conditioning.context, conditioning.vector).chunk(2)
@@ -174,13 +197,18 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
             x0 = samplers.predicted_x0(plan, i, latents, noise_pred)
             previews.append(latents_to_images(model, x0, speed.tiled_decode))
         latents, state = samplers.step(plan, i, latents, noise_pred, state, generators, noise_uncond)
+        if puts_back:  # what is kept, put back at the noise level of the next call (clean after the last)
+            kept = samplers.add_noise(plan, clean, noise, i + 1).to(latents.dtype)
+            latents = (1 - repaint) * kept + repaint * latents
 
     # 5. Latents -> pixels -> PIL images
     release_weights(model.unet)
     images = latents_to_images(model, latents, speed.tiled_decode)
+    if paste_back:  # the original pixels outside the (soft) mask, as AUTOMATIC1111 does by default
+        images = paste_images_back(init_image / 2 + 0.5, images, mask)
     settings = dict(steps=steps, guidance=guidance, sampler=sampler, spacing=spacing, schedule_type=plan.schedule_type,
                     eta=eta, height=height, width=width, skip_last_layers=skip_last_layers,
-                    strength=None if init_image is None else strength,
+                    strength=None if init_image is None else strength, paste_back=paste_back,
                     embeddings=[e for e in embeddings if e.name in conditionings.embeddings_used])
     return Generation(images, to_pil(images), describe(model, prompts, negative_prompt, seed, **settings), previews)
 
@@ -192,7 +220,7 @@ SCHEDULE_LABELS = {"karras": "Karras", "exponential": "Exponential", "beta": "Be
 
 def describe(model: StableDiffusion, prompts: list[str], negative_prompt: str, seed: int, *, steps, guidance,
              sampler, spacing, schedule_type, eta, height, width, skip_last_layers, strength,
-             embeddings=()) -> list[str]:
+             paste_back=False, embeddings=()) -> list[str]:
     """Each image's `parameters` text: its prompt and what made it, in AUTOMATIC1111's names."""
     skip = model.skip_last_layers if skip_last_layers is None else skip_last_layers
     settings = {"Steps": steps, "Sampler": samplers.SAMPLERS[sampler].label}
@@ -203,6 +231,8 @@ def describe(model: StableDiffusion, prompts: list[str], negative_prompt: str, s
         settings["Clip skip"] = skip + 1  # the web UIs count the last layer as 1
     if strength is not None:
         settings["Denoising strength"] = strength
+    if paste_back:
+        settings["Paste back"] = True  # not an A1111 field (it pastes back unless told otherwise)
     if eta is not None:
         settings["Eta"] = eta
     if spacing is not None:
@@ -223,15 +253,58 @@ def image_size(model: StableDiffusion, init_image, height: int | None, width: in
     return height, width
 
 
-def check_unet_input(model: StableDiffusion) -> None:
-    """The loop feeds the UNet the latents alone: refuse a UNet that wants more channels than that."""
-    if model.unet.config.in_channels != model.vae.config.latent_channels:
-        raise ValueError(f"this is an inpainting checkpoint (its UNet takes {model.unet.config.in_channels} "
-                         "channels: latents, mask and masked image), and sd_scratch cannot give it a mask yet")
+def inpainting_unet(model: StableDiffusion) -> bool:
+    """Whether the UNet takes the mask and the masked image's latents beside the latents (9 channels, not 4)."""
+    return model.unet.config.in_channels == 2 * model.vae.config.latent_channels + 1
 
 
-def prepare_unet(model: StableDiffusion, speed: SpeedAndMemory):
+def check_unet_input(model: StableDiffusion, inpainting: bool = False) -> None:
+    """Refuse a UNet that wants channels the run has not got: an inpainting UNet needs a mask."""
+    channels, latent = model.unet.config.in_channels, model.vae.config.latent_channels
+    if inpainting_unet(model) and not inpainting:
+        raise ValueError(f"this is an inpainting checkpoint (its UNet takes {channels} channels: latents, mask and "
+                         "masked image): give it an init image and a mask (--init-image, --mask)")
+    if channels not in (latent, 2 * latent + 1):
+        raise ValueError(f"a UNet of {channels} input channels beside a VAE of {latent} latent channels: "
+                         "neither a text-to-image nor an inpainting model")
+
+
+def check_inpainting(model: StableDiffusion, init_image, mask, height: int, width: int) -> bool:
+    """Whether this run inpaints; a mask needs an init image of its size."""
+    if mask is None:
+        return False
+    if init_image is None:
+        raise ValueError("a mask needs an init image: the picture whose masked part is repainted")
+    if tuple(mask.shape[-2:]) != (height, width) or tuple(init_image.shape[-2:]) != (height, width):
+        raise ValueError(f"the mask is {mask.shape[-1]}x{mask.shape[-2]} and the image "
+                         f"{init_image.shape[-1]}x{init_image.shape[-2]}: they must be the size of the output, "
+                         f"{width}x{height}")
+    return True
+
+
+def mask_latents(model: StableDiffusion, mask: torch.Tensor, init_image: torch.Tensor,
+                 generators: list[torch.Generator], size) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask at latent size (binarised, then nearest-neighbour, as diffusers' prepare_mask_latents) and the
+    latents of the init image with the repainted region set to 0, grey on the [-1, 1] scale (one draw each)."""
+    binary = binarise(mask.float())
+    repaint = F.interpolate(binary, size=tuple(size)).to(model.device, model.dtype)
+    hole_latents = images_to_latents(model, init_image * (binary < 0.5), generators)
+    batch = len(generators)
+    return repaint.expand(batch, -1, -1, -1), hole_latents.to(model.dtype)
+
+
+def unchanged(model: StableDiffusion, prompts, negative_prompt, seed, init_image, steps, guidance, sampler,
+              strength) -> Generation:
+    """A run with nothing to repaint: the init image itself, for every prompt."""
+    images = (init_image.float().cpu() / 2 + 0.5).clamp(0, 1).expand(len(prompts), -1, -1, -1)
+    height, width = images.shape[-2:]
+    settings = dict(steps=steps, guidance=guidance, sampler=sampler, spacing=None, schedule_type=None, eta=None,
+                    height=height, width=width, skip_last_layers=None, strength=strength)
+    return Generation(images, to_pil(images), describe(model, prompts, negative_prompt, seed, **settings))
+
+
+def prepare_unet(model: StableDiffusion, speed: SpeedAndMemory, inpainting: bool = False):
     """The UNet as the loop calls it: with the attention slicing asked for, compiled if asked."""
-    check_unet_input(model)
+    check_unet_input(model, inpainting)
     model.unet.set_attention_slices(speed.attention_slices)
     return torch.compile(model.unet) if speed.compile_unet else model.unet

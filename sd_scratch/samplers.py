@@ -207,15 +207,21 @@ def calls_per_step(plan: Plan) -> int:
     return SAMPLERS[plan.name].calls_per_step
 
 
-def add_noise(plan: Plan, clean_latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The forward process q(x_t | x0): put a clean latent at the noise level of the plan's first call."""
+def add_noise(plan: Plan, clean_latents: torch.Tensor, noise: torch.Tensor, call: int = 0) -> torch.Tensor:
+    """The forward process q(x_t | x0): put a clean latent at the noise level x has at call `call` (0: the
+    plan's start, for image-to-image; inpainting puts the kept region back at every call's level). Past the
+    last call x is clean."""
+    if not 0 <= call <= len(plan.timesteps):
+        raise ValueError(f"call {call} is outside this plan of {len(plan.timesteps)} calls")
     if plan.view == "sigma":
-        sigma = plan.sigmas[0].to(clean_latents.device, clean_latents.dtype)
+        sigma = plan.sigmas[call].to(clean_latents.device, clean_latents.dtype)  # sigmas end with 0
         return clean_latents + noise * sigma
     if plan.sigmas is not None:  # dpmpp_2m: an alpha-view sampler that walks sigmas
-        alpha, noise_level = alpha_and_noise_level(plan.sigmas[0].to(clean_latents.device, clean_latents.dtype))
+        alpha, noise_level = alpha_and_noise_level(plan.sigmas[call].to(clean_latents.device, clean_latents.dtype))
         return alpha * clean_latents + noise_level * noise
-    alpha_bar = plan.alphas_cumprod[plan.timesteps[0]].to(clean_latents.device, clean_latents.dtype)
+    if call == len(plan.timesteps):
+        return clean_latents
+    alpha_bar = plan.alphas_cumprod[plan.timesteps[call]].to(clean_latents.device, clean_latents.dtype)
     return alpha_bar**0.5 * clean_latents + (1 - alpha_bar) ** 0.5 * noise
 
 
