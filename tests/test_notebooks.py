@@ -19,7 +19,7 @@ pytest.importorskip("matplotlib", reason="the notebooks extra: pip install -e '.
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = ROOT / "notebooks"
-NAMES = ["01_step_by_step", "02_samplers_and_guidance", "03_forward_and_reverse", "04_prompts"]
+NAMES = ["01_step_by_step", "02_samplers_and_guidance", "03_forward_and_reverse", "04_prompts", "05_inpainting"]
 TINY_MODEL = ROOT / "weights" / "tiny_sd.safetensors"
 MAX_NOTEBOOK_BYTES = 2_000_000
 
