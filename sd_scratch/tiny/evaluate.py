@@ -218,6 +218,49 @@ def judge_image_to_image(start: torch.Tensor, images: torch.Tensor) -> ImageToIm
                         sum(c and k for c, k in zip(colours, in_place)) / len(images))
 
 
+# Inpainting: the picture of a red square on white, the square's box (grown by INPAINT_MARGIN pixels) masked,
+# and a blue circle asked for. The tiny model has 4 UNet input channels: it inpaints by having the kept region
+# put back after every step.
+INPAINT_PROMPT = ("blue", "circle", "white")
+INPAINT_MARGIN = 4
+
+
+@dataclass(frozen=True)
+class Inpainting:
+    score: Score  # the prompt's colour, shape and background, read from the whole picture
+    in_mask: float  # fraction whose found shape lies inside the mask (at least 90% of its pixels)
+    all_three: float  # fraction read as a blue circle on white lying inside the mask
+    outside_change: float  # the largest change outside the mask, on the [0, 1] scale (0 when pasted back)
+
+
+def inpainting_start() -> tuple[torch.Tensor, torch.Tensor]:
+    """The start picture (1, 3, S, S) in [-1, 1] and the mask (1, 1, S, S), 1 over the square's box."""
+    start = render([IMG2IMG_START_SCENE])
+    square = find_shape((start[0] + 1) / 2)[1]
+    rows, columns = square.any(dim=1).nonzero(), square.any(dim=0).nonzero()
+    top, bottom = int(rows.min()) - INPAINT_MARGIN, int(rows.max()) + INPAINT_MARGIN + 1
+    left, right = int(columns.min()) - INPAINT_MARGIN, int(columns.max()) + INPAINT_MARGIN + 1
+    mask = torch.zeros(1, 1, *start.shape[-2:])
+    mask[..., max(top, 0):bottom, max(left, 0):right] = 1
+    return start, mask
+
+
+def inpainting_score(model, count: int = 50, steps: int = 25, guidance: float = 3.0, sampler: str = "euler",
+                     paste_back: bool = True) -> Inpainting:
+    """Repaint the red square's box of the start picture as a blue circle, `count` seeds from FIRST_SEED."""
+    start, mask = inpainting_start()
+    images = generate(model, [caption(*INPAINT_PROMPT)] * count, steps=steps, guidance=guidance, sampler=sampler,
+                      seed=FIRST_SEED, init_image=start, mask=mask, paste_back=paste_back, progress=False).images
+    found = [find_shape(image) for image in images]
+    readings = [read_found_shape(image, *shape) for image, shape in zip(images, found)]
+    inside = [bool(shape[1].any()) and bool((shape[1] & (mask[0, 0] > 0)).sum() >= 0.9 * shape[1].sum())
+              for shape in found]
+    asked = [(r.colour, r.shape, r.background) == INPAINT_PROMPT for r in readings]
+    outside = ((images - (start + 1) / 2).abs() * (1 - mask)).amax().item()
+    return Inpainting(score_readings(readings, [INPAINT_PROMPT] * count), sum(inside) / count,
+                      sum(a and i for a, i in zip(asked, inside)) / count, outside)
+
+
 def colour_latents(model, names: list[str]) -> torch.Tensor:
     """(len(names), C): each palette colour's VAE latent (rgb_latents), unscaled."""
     return rgb_latents(model, palette_tensor(names))
@@ -299,6 +342,11 @@ def main(argv: list[str] | None = None):
           f"read as a square {result.score.shape:.0%}, square in place {result.in_place:.0%}, "
           f"all three {result.all_three:.0%}; latent cosine of {IMG2IMG_START[0]} - {IMG2IMG_START[2]} "
           f"with {IMG2IMG_PROMPT[0]} - {IMG2IMG_PROMPT[2]}: {latent_colour_cosine(model):+.2f}")
+    for paste_back in (True, False):
+        result = inpainting_score(model, paste_back=paste_back)
+        print(f"inpainting the red square's box of {caption(*IMG2IMG_START)} -> {caption(*INPAINT_PROMPT)!r}, "
+              f"50 seeds, paste-back {'on' if paste_back else 'off'}: all three {result.all_three:.0%}, "
+              f"shape inside the mask {result.in_mask:.0%}, largest change outside it {result.outside_change:.3f}")
 
 
 if __name__ == "__main__":
