@@ -29,7 +29,7 @@ SAMPLER_LABELS = {"euler": "Euler", "euler_a": "Euler a", "lms": "LMS", "ddim": 
                   "dpmpp_2m": "DPM++ 2M", "heun": "Heun", "dpm2": "DPM2", "dpm2_a": "DPM2 a",
                   "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun",
                   "dpmpp_3m_sde": "DPM++ 3M SDE", "dpmpp_sde": "DPM++ SDE", "ddpm": "DDPM", "unipc": "UniPC",
-                  "unipc_3": "UniPC (order 3)", "euler_cfgpp": "Euler CFG++"}
+                  "unipc_3": "UniPC (order 3)", "euler_cfgpp": "Euler CFG++", "lcm": "LCM"}
 SAMPLER_NAMES = tuple(SAMPLER_LABELS)
 SCHEDULE_LABELS = {"spaced": "Spaced", "karras": "Karras", "exponential": "Exponential", "beta": "Beta",
                    "sgm_uniform": "SGM Uniform", "ays": "Align Your Steps"}
@@ -83,7 +83,7 @@ def build_parser() -> ArgumentParser:
                    help="how the steps' noise levels are placed: spaced (at the spaced timesteps), karras, "
                         "exponential, "
                         "beta (Lee et al.), sgm_uniform, ays (Align Your Steps), or A1111's names ('SGM Uniform'); "
-                        "not for ddim, pndm and ddpm (default: spaced)")
+                        "not for ddim, pndm, ddpm and lcm (default: spaced)")
     p.add_argument("--karras", action="store_true", help="the same as --schedule karras")
     p.add_argument("--eta", type=finite_float, default=None,
                    help="noise added back per step: euler_a default 1, ddim default 0 (deterministic)")

@@ -20,7 +20,7 @@ Two ways of holding the noisy latent (see schedule.py):
   sigma view  x = x0 + sigma * noise                      euler, euler_a, lms, heun, dpm2, dpm2_a,
                                                           dpmpp_sde, euler_cfgpp
   alpha view  x = sqrt(a) * x0 + sqrt(1 - a) * noise      ddim, pndm, ddpm, dpmpp_2m, the DPM++ 2M and
-                                                          3M SDEs, unipc  (a = alpha_bar)
+                                                          3M SDEs, unipc, lcm  (a = alpha_bar)
 We keep to the view diffusers uses for each sampler, so every intermediate latent equals its own.
 
 The file reads in this order: the plan and what the loop calls; the UNet's output turned into the
@@ -37,6 +37,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sd_scratch import schedule as noise_schedule
@@ -1032,6 +1033,88 @@ def step_euler_cfgpp(plan, i, x, model_output, state, generators, unconditional_
 
 SAMPLERS["euler_cfgpp"] = Sampler("Euler CFG++", "sigma", noise_schedule.sigma_grid, denoised_at_sigma,
                                   step_euler_cfgpp, uses_unconditional=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# LCM: Luo et al. 2023 ("Latent Consistency Models: Synthesizing High-Resolution Images with
+# Few-Step Inference"), its Algorithm 1 (multistep latent consistency sampling), as diffusers'
+# LCMScheduler. A consistency model maps any x on the way down straight to the clean latent,
+#     f(x, t) = c_skip(t) x + c_out(t) x0_pred(x, t),
+# with x0_pred read off the UNet's eps (or v) in the alpha view, and the boundary-condition scalings
+# of Song et al. 2023 (consistency models) on the timestep scaled by 10, with sigma_data = 0.5:
+#     c_skip(t) = sigma_data^2 / ((10 t)^2 + sigma_data^2),   c_out(t) = 10 t / sqrt((10 t)^2 + sigma_data^2),
+# so f(x, 0) = x, and from t = 19 on, f is x0_pred to within 1e-5. Each step denoises to f, then, except at
+# the last step, noises it again to the next timestep's level with fresh noise from each image's own
+# generator (the forward process q(x_next | x0)); the last step hands back f itself.
+# The timesteps are those LCM was distilled on: the 50 training-schedule steps 999, 979, ..., 19 (every
+# T / 50th), of which num_steps are picked at evenly spaced positions (skipping steps). The spacing and
+# steps_offset of the model's schedule play no part, as in diffusers. Image-to-image cuts these timesteps
+# as for every sampler (img2img_plan), which is what diffusers' StableDiffusionImg2ImgPipeline does with
+# LCMScheduler (its LatentConsistencyModelImg2ImgPipeline instead spreads all the steps below the strength).
+# ----------------------------------------------------------------------------------------------
+
+LCM_ORIGINAL_STEPS = 50  # the steps of the schedule LCM was distilled on (diffusers' original_inference_steps)
+LCM_SIGMA_DATA = 0.5
+LCM_TIMESTEP_SCALING = 10.0
+
+
+def lcm_grid(num_steps, spacing, schedule_type, schedule):
+    """num_steps of the distillation schedule's timesteps, noisiest first (int64); no sigmas: LCM walks timesteps.
+
+    With T training steps and k = T // 50 the schedule is t = 50 k - 1, 49 k - 1, ..., k - 1; num_steps of them
+    are taken at positions floor(j * 50 / num_steps), j = 0 .. num_steps - 1 (4 steps: 999, 759, 499, 259).
+    """
+    original_steps = LCM_ORIGINAL_STEPS
+    if schedule.num_train_timesteps < original_steps:
+        raise ValueError(f"LCM's {original_steps}-step schedule needs at least {original_steps} training timesteps, "
+                         f"this model has {schedule.num_train_timesteps}")
+    if num_steps > original_steps:
+        raise ValueError(f"LCM picks its steps from the {original_steps} of its distillation schedule: "
+                         f"num_steps must be at most {original_steps}, got {num_steps}")
+    k = schedule.num_train_timesteps // original_steps
+    distilled = np.arange(original_steps, 0, -1) * k - 1  # descending: 50 k - 1, ..., k - 1
+    positions = np.floor(np.linspace(0, original_steps, num_steps, endpoint=False)).astype(np.int64)
+    return torch.from_numpy(distilled[positions].astype(np.int64)), None
+
+
+def consistency_scalings(t, sigma_data=LCM_SIGMA_DATA, timestep_scaling=LCM_TIMESTEP_SCALING):
+    """(c_skip, c_out) at timestep t: the boundary condition f(x, 0) = x, with t scaled by timestep_scaling."""
+    scaled = t * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
+def consistency_function(x, predicted_x0, t):
+    """f(x, t) = c_skip(t) x + c_out(t) x0_pred: the consistency model's clean latent."""
+    c_skip, c_out = consistency_scalings(t)
+    return c_out * predicted_x0 + c_skip * x
+
+
+def lcm_step(denoised, alpha_bar_next, noise):
+    """Algorithm 1's re-noising: x_next = sqrt(a_next) f + sqrt(1 - a_next) z, or f itself after the last step
+    (noise None)."""
+    if noise is None:
+        return denoised
+    return alpha_bar_next**0.5 * denoised + (1 - alpha_bar_next) ** 0.5 * noise
+
+
+def denoised_lcm(plan, i, x, model_output):
+    """f(x, t) at call i: the consistency model's clean-latent estimate, what its step lands on."""
+    t = plan.timesteps[i]
+    _, predicted_x0 = eps_and_denoised_alpha_view(x, model_output, plan.alpha_bar(t), plan.prediction_type)
+    return consistency_function(x, predicted_x0, t)
+
+
+def step_lcm(plan, i, x, model_output, state, generators):
+    denoised = denoised_lcm(plan, i, x, model_output)
+    if i == len(plan.timesteps) - 1:
+        return lcm_step(denoised, None, None), state
+    noise = draw_noise(model_output.shape, generators, model_output.device, denoised.dtype)
+    return lcm_step(denoised, plan.alpha_bar(plan.timesteps[i + 1]), noise), state
+
+
+SAMPLERS["lcm"] = Sampler("LCM", "alpha", lcm_grid, denoised_lcm, step_lcm, schedule_types=("spaced",))
 
 
 SAMPLER_NAMES = tuple(SAMPLERS)

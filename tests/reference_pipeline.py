@@ -10,6 +10,7 @@ from diffusers import (
     HeunDiscreteScheduler,
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
@@ -44,6 +45,8 @@ def reference_scheduler(name: str, spacing: str = "leading", karras: bool = Fals
     if name in ("dpmpp_2m_sde", "dpmpp_2m_sde_heun"):
         return DPMSolverMultistepScheduler(**config, algorithm_type="sde-dpmsolver++", solver_order=2,
                                            solver_type="heun" if name.endswith("heun") else "midpoint")
+    if name == "lcm":  # as LCM-LoRA's users make it: LCMScheduler.from_config(SD's scheduler config)
+        return LCMScheduler(**config, clip_sample=False, set_alpha_to_one=False)
     return CLASSES[name](**config)
 
 
@@ -52,7 +55,7 @@ CLASSES = {"euler": EulerDiscreteScheduler, "euler_a": EulerAncestralDiscreteSch
            "dpmpp_2m": DPMSolverMultistepScheduler, "dpmpp_2m_sde": DPMSolverMultistepScheduler,
            "dpmpp_2m_sde_heun": DPMSolverMultistepScheduler, "dpm2": KDPM2DiscreteScheduler,
            "dpm2_a": KDPM2AncestralDiscreteScheduler, "dpmpp_sde": DPMSolverSDEScheduler, "ddpm": DDPMScheduler,
-           "unipc": UniPCMultistepScheduler, "unipc_3": UniPCMultistepScheduler}
+           "unipc": UniPCMultistepScheduler, "unipc_3": UniPCMultistepScheduler, "lcm": LCMScheduler}
 
 
 def scheduler_from_config(name: str, config: dict):

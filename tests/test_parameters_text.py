@@ -46,7 +46,7 @@ def describe_with(**options):
     """What sample.describe writes for a PNG (imported here: the reading tests need none of the loop)."""
     from sd_scratch.sample import describe
 
-    model = SimpleNamespace(skip_last_layers=0, source="/checkpoints/small_sd.safetensors")
+    model = SimpleNamespace(skip_last_layers=0, source="/checkpoints/small_sd.safetensors", loras=[])
     settings = dict(steps=4, guidance=5.0, sampler="dpmpp_2m", spacing=None, schedule_type="karras", eta=None,
                     height=24, width=40, skip_last_layers=None, strength=None) | options
     return describe(model, ["a green square on a white background"], "red", 123, **settings)[0]
@@ -281,7 +281,7 @@ def test_the_schedule_in_the_samplers_label_wins_over_the_field():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("Sampler", "LCM", "sampler 'LCM' in the parameters is none of ours: Euler, Euler a, "),
+    ("Sampler", "Restart", "sampler 'Restart' in the parameters is none of ours: Euler, Euler a, "),
     ("Sampler", "DPM adaptive", "sampler 'DPM adaptive' in the parameters is none of ours: "),
     ("Sampler", "DPM++ 2M Polyexponential", "sampler 'DPM++ 2M Polyexponential' in the parameters is none of ours: "),
     ("Schedule type", "KL Optimal", "schedule type 'KL Optimal' in the parameters is none of ours: Automatic, "),
@@ -312,7 +312,7 @@ def test_a_model_that_skips_a_layer_by_itself_writes_clip_skip_always_and_reads_
     the model's own."""
     from sd_scratch.sample import describe
 
-    sd2 = SimpleNamespace(skip_last_layers=1, source="sd2.safetensors")
+    sd2 = SimpleNamespace(skip_last_layers=1, source="sd2.safetensors", loras=[])
     settings = dict(steps=4, guidance=5.0, sampler="euler", spacing=None, schedule_type="spaced", eta=None,
                     height=24, width=40, strength=None)
     for asked, written in [(None, "Clip skip: 2"), (0, "Clip skip: 1"), (2, "Clip skip: 3")]:

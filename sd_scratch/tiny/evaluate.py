@@ -297,7 +297,8 @@ def latent_colour_cosine(model, start: tuple[str, str] = (IMG2IMG_START[0], IMG2
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="default: weights/tiny_sd.safetensors")
-    scale_samplers = [name for name in SAMPLER_NAMES if not needs_unconditional(name)]
+    # (not euler_cfgpp, whose guidance is a lambda; not lcm, a sampler for models distilled for it)
+    scale_samplers = [name for name in SAMPLER_NAMES if not needs_unconditional(name) and name != "lcm"]
     parser.add_argument("--samplers", nargs="+", default=scale_samplers, choices=SAMPLER_NAMES,
                         help="default: all but euler_cfgpp, whose guidance is a lambda in [0, 1]")
     parser.add_argument("--guidance", nargs="+", type=float, default=[1.0, 3.0, 7.5])
