@@ -97,7 +97,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True,
                    help="also save a grid when more than one image is made (default: on)")
     p.add_argument("--checkpoint",
-                   help="a .safetensors/.ckpt file or a diffusers folder (default: weights/tiny_sd.safetensors)")
+                   help="a .safetensors/.ckpt file, a diffusers folder, or a Hugging Face id: OWNER/NAME (a diffusers "
+                        "repository) or OWNER/NAME/FILE.safetensors, from the local cache or downloaded "
+                        "(default: weights/tiny_sd.safetensors)")
+    p.add_argument("--vae", type=Path, metavar="PATH",
+                   help="a VAE to use instead of the checkpoint's: a VAE file of either layout (e.g. "
+                        "vae-ft-mse-840000-ema-pruned.safetensors), or a diffusers VAE folder")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps, or auto: cuda, then mps, then cpu "
                    "(default: auto)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
@@ -235,6 +240,8 @@ def check_arguments(args) -> list[str]:
             raise UsageError(f"embedding file not found: {path}")
     if args.embeddings_dir is not None and not args.embeddings_dir.is_dir():
         raise UsageError(f"embeddings folder not found: {args.embeddings_dir}")
+    if args.vae is not None and not args.vae.exists():
+        raise UsageError(f"VAE not found: {args.vae}")
     if args.init_image is not None:
         from PIL import Image, UnidentifiedImageError
         try:
@@ -346,7 +353,8 @@ def run(args, prompts: list[str]) -> int:
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     dtype = dtypes.get(args.dtype) or (torch.float32 if device.type == "cpu" else torch.float16)
     try:
-        model = load_checkpoint(args.checkpoint, device=device, dtype=dtype, prediction_type=args.prediction_type)
+        model = load_checkpoint(args.checkpoint, device=device, dtype=dtype, prediction_type=args.prediction_type,
+                                vae=args.vae)
         check_unet_input(model, inpainting=args.mask is not None or args.outpaint is not None)
         samplers.make_plan(args.sampler, args.steps, spacing=args.spacing, karras=args.karras,
                            schedule_type=args.schedule, eta=args.eta, prediction_type=model.prediction_type,

@@ -227,6 +227,8 @@ def describe(model: StableDiffusion, prompts: list[str], negative_prompt: str, s
     if schedule_type in SCHEDULE_LABELS:
         settings["Schedule type"] = SCHEDULE_LABELS[schedule_type]
     settings |= {"CFG scale": guidance, "Seed": None, "Size": f"{width}x{height}", "Model": Path(model.source).stem}
+    if vae_file := getattr(model, "vae_file", None):  # a VAE of its own file (--vae), named as A1111 names it
+        settings |= {"VAE hash": vae_file[1], "VAE": vae_file[0]}
     if skip or model.skip_last_layers:  # so that reading it back restores it, also for a model that skips by itself
         settings["Clip skip"] = skip + 1  # the web UIs count the last layer as 1
     if strength is not None:

@@ -1,6 +1,6 @@
 """A checkpoint on disk -> the three networks, their configs and the tokenizer, loaded strictly.
 
-    model = load_checkpoint("weights/v1-5-pruned-emaonly.safetensors")   # or a diffusers folder
+    model = load_checkpoint("weights/v1-5-pruned-emaonly.safetensors")   # or a diffusers folder, or a hub id
 
 The modules of this package, one job each:
 
@@ -11,6 +11,8 @@ The modules of this package, one job each:
     configs.py          each network's config read off the shapes of its tensors (no YAML needed)
     strict.py           building a network empty and filling every tensor, naming any gap
     model.py            StableDiffusion, what loading gives, and CheckpointError
+    vae_file.py         a VAE from a file of its own, in place of the checkpoint's (--vae)
+    hub.py              Hugging Face ids (OWNER/NAME, OWNER/NAME/FILE.safetensors): the cache, or a download
 
 Tensors are read from the file one at a time, straight into the model's parameters (cast to the
 requested dtype and moved to the device as they come), so the weights are never held twice.
@@ -23,12 +25,14 @@ from pathlib import Path
 import torch
 
 from sd_scratch.loading.diffusers_folder import load_diffusers_folder
+from sd_scratch.loading.hub import from_hub, is_hub_id
 from sd_scratch.loading.model import CheckpointError, StableDiffusion
 from sd_scratch.loading.single_file import DEFAULT_CHECKPOINT, load_single_file, save_checkpoint
 from sd_scratch.loading.tensor_file import release_weights
+from sd_scratch.loading.vae_file import load_vae, replace_vae
 
-__all__ = ["DEFAULT_CHECKPOINT", "CheckpointError", "StableDiffusion", "load_checkpoint", "release_weights",
-           "save_checkpoint"]
+__all__ = ["DEFAULT_CHECKPOINT", "CheckpointError", "StableDiffusion", "load_checkpoint", "load_vae",
+           "release_weights", "replace_vae", "save_checkpoint"]
 
 WHERE_WEIGHTS_GO = (
     "put a Stable Diffusion checkpoint in weights/ (e.g. v1-5-pruned-emaonly.safetensors from "
@@ -37,15 +41,29 @@ WHERE_WEIGHTS_GO = (
 
 
 def load_checkpoint(path: str | Path | None = None, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32, prediction_type: str | None = None) -> StableDiffusion:
+                    dtype: torch.dtype = torch.float32, prediction_type: str | None = None,
+                    vae: str | Path | None = None) -> StableDiffusion:
     """Load a single-file checkpoint or a diffusers folder onto `device` in `dtype`.
 
-    path: default, the tiny model this project ships (weights/tiny_sd.safetensors).
+    path: a file or folder, or, when none of that name exists, a Hugging Face id (hub.py); default, the tiny
+        model this project ships (weights/tiny_sd.safetensors).
     prediction_type: "epsilon" or "v_prediction", for files that do not say (SD 2.x single files).
+    vae: a VAE file or folder to use instead of the checkpoint's own (vae_file.py).
     """
+    if vae is not None and not Path(vae).exists():  # before the checkpoint's seconds of loading
+        raise CheckpointError(f"VAE not found: {vae}")
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    hub_id = str(path) if not path.exists() and is_hub_id(str(path)) else None
+    if hub_id:
+        path = from_hub(hub_id, fp16=dtype == torch.float16)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}; {WHERE_WEIGHTS_GO}")
     if path.is_dir():
-        return load_diffusers_folder(path, device, dtype, prediction_type)
-    return load_single_file(path, device, dtype, prediction_type)
+        model = load_diffusers_folder(path, device, dtype, prediction_type)
+    else:
+        model = load_single_file(path, device, dtype, prediction_type)
+    if hub_id:
+        model.source = hub_id  # not the cache's snapshot folder: the PNG's "Model" is then the repository's name
+    if vae is not None:
+        replace_vae(model, vae)
+    return model

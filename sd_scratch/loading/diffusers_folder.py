@@ -16,6 +16,8 @@ import re
 import warnings
 from pathlib import Path
 
+import torch
+
 from sd_scratch.loading.configs import infer_text_encoder_config, infer_unet_config, infer_vae_config, meta_tensors
 from sd_scratch.loading.model import CheckpointError, StableDiffusion
 from sd_scratch.loading.strict import build_empty, fill_strictly
@@ -35,9 +37,10 @@ def load_diffusers_folder(folder: Path, device, dtype, prediction_type: str | No
             raise CheckpointError(f"{folder} is a folder but has no {part}/: give a diffusers model folder "
                                   "(unet/, vae/, text_encoder/, tokenizer/) or a single checkpoint file")
     source = str(folder)
-    unet_file = TensorFile(_weights_file(folder / "unet", "diffusion_pytorch_model"))
-    vae_file = TensorFile(_weights_file(folder / "vae", "diffusion_pytorch_model"))
-    text_file = TensorFile(_weights_file(folder / "text_encoder", "model"))
+    fp16_first = dtype == torch.float16  # a folder holding both variants: the half-size read, when fp16 is asked
+    unet_file = TensorFile(_weights_file(folder / "unet", "diffusion_pytorch_model", fp16_first))
+    vae_file = TensorFile(_weights_file(folder / "vae", "diffusion_pytorch_model", fp16_first))
+    text_file = TensorFile(_weights_file(folder / "text_encoder", "model", fp16_first))
     unet_json = _read_json(folder / "unet" / "config.json")
     vae_json = _read_json(folder / "vae" / "config.json")
     text_json = _read_json(folder / "text_encoder" / "config.json")
@@ -49,10 +52,7 @@ def load_diffusers_folder(folder: Path, device, dtype, prediction_type: str | No
         levels, _count(k, r"down_blocks\.0\.resnets\.(\d+)\."),
         {i for i in range(levels) if any(key.startswith(f"down_blocks.{i}.attentions.") for key in k)},
     ), {"resnets": UNET_RESNET_NAMES})
-    k = vae_file.keys
-    vae_names = rename_keys(k, diffusers_vae_prefixes(
-        _count(k, r"encoder\.down_blocks\.(\d+)\."), _count(k, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")
-    ), {"resnets": VAE_RESNET_NAMES, "attentions": VAE_ATTENTION_NAMES})
+    vae_names = diffusers_vae_names(vae_file.keys)
     # transformers 4 saves CLIP under "text_model.", transformers 5 without it; ours keeps the original's level.
     text_names = {("" if key.startswith("text_model.") else "text_model.") + key: key for key in text_file.keys
                   if not key.endswith("position_ids")}
@@ -196,6 +196,14 @@ def diffusers_vae_prefixes(levels: int, per_level: int) -> dict[str, str]:
     return table
 
 
+def diffusers_vae_names(keys: list[str]) -> dict[str, str]:
+    """original key -> diffusers key for the tensors of a diffusers VAE (a folder's vae/, or a VAE file alone)."""
+    levels = _count(keys, r"encoder\.down_blocks\.(\d+)\.")
+    per_level = _count(keys, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")
+    return rename_keys(keys, diffusers_vae_prefixes(levels, per_level),
+                       {"resnets": VAE_RESNET_NAMES, "attentions": VAE_ATTENTION_NAMES})
+
+
 def rename_keys(keys: list[str], prefixes: dict[str, str], inner_names: dict[str, dict[str, str]]) -> dict[str, str]:
     """original key -> diffusers key. `inner_names` renames the layer inside a block, by the kind of block."""
     renamed = {}
@@ -215,8 +223,9 @@ def _count(keys, pattern: str) -> int:
     return len({m.group(1) for k in keys if (m := re.match(pattern, k))})
 
 
-def _weights_file(folder: Path, stem: str) -> Path:
-    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin", f"{stem}.fp16.bin"):
+def _weights_file(folder: Path, stem: str, fp16_first: bool = False) -> Path:
+    variants = (".fp16", "") if fp16_first else ("", ".fp16")
+    for name in [f"{stem}{variant}.{suffix}" for suffix in ("safetensors", "bin") for variant in variants]:
         if (folder / name).exists():
             return folder / name
     raise CheckpointError(f"{folder} holds no {stem}.safetensors (or .fp16.safetensors); the diffusers folder is incomplete")

@@ -117,13 +117,14 @@ def load_embeddings_dir(folder: str | Path, width: int | None = None) -> list[Em
     return sorted(by_word.values(), key=lambda e: (e.name.casefold(), e.name))
 
 
-def short_hash(path: str | Path) -> str:
-    """The hash A1111 writes for an embedding in "TI hashes": sha256 of the whole file, first 12 hex digits."""
+def short_hash(path: str | Path, length: int = SHORT_HASH_LENGTH) -> str:
+    """The hash A1111 writes for an embedding in "TI hashes": sha256 of the whole file, first 12 hex digits
+    (for a VAE, in "VAE hash": the first 10)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:SHORT_HASH_LENGTH]
+    return digest.hexdigest()[:length]
 
 
 def _read_contents(path: Path) -> object:

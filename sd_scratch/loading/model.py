@@ -34,6 +34,11 @@ class StableDiffusion:
     # Sampling settings the model is best used with, from its metadata: the command line's defaults
     # where the user gives none (the tiny model: {"guidance": 3.0}, at which every sampler draws it right).
     defaults: dict = field(default_factory=dict)
+    # A VAE from a file of its own (load_checkpoint's `vae`, --vae: vae_file.py), as the PNG's parameters name it
+    # after AUTOMATIC1111: (file name, first 10 hex digits of its sha256). None: the checkpoint's own VAE.
+    vae_file: tuple[str, str] | None = None
+    # The LoRAs merged into the weights now, as (Lora, multiplier) pairs: lora.apply_loras sets them.
+    loras: list = field(default_factory=list)
 
     @property
     def device(self) -> torch.device:

@@ -32,8 +32,11 @@ def build_empty(module_class, config) -> nn.Module:
 
 
 def fill_strictly(model: nn.Module, network: str, tensors: dict[str, Callable[[], torch.Tensor]], device, dtype,
-                  source: str, kind: str) -> nn.Module:
+                  source: str, kind: str,
+                  question: str = "is this a full Stable Diffusion 1.x/2.x checkpoint?") -> nn.Module:
     """Assign every parameter and buffer of `model` from `tensors` (name -> loader); fail on any gap.
+
+    question: what the error asks the user to check, after naming the gaps.
 
     Tensors are read, cast and moved one at a time: peak memory stays near one copy of the weights.
     """
@@ -43,8 +46,7 @@ def fill_strictly(model: nn.Module, network: str, tensors: dict[str, Callable[[]
     if missing or unexpected:
         raise CheckpointError(
             f"{source}: the {network} does not match the {kind} layout: {len(missing)} missing "
-            f"({list_keys(missing)}), {len(unexpected)} unexpected ({list_keys(unexpected)}); "
-            "is this a full Stable Diffusion 1.x/2.x checkpoint?"
+            f"({list_keys(missing)}), {len(unexpected)} unexpected ({list_keys(unexpected)}); {question}"
         )
     state = {}
     for name, target in expected.items():
