@@ -11,13 +11,14 @@ its settings in a `parameters` text chunk that image browsers read.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 from sd_scratch.checks import SEED_RANGE, check_seeds, check_size, finite
-from sd_scratch.prompts import parse_emphasis, prompt_schedule
+from sd_scratch.prompts import lora_tags, parse_emphasis, prompt_schedule
 
 DEFAULT_PROMPT = "a red circle on a blue background"  # in the shipped tiny model's vocabulary
 DEFAULT_GUIDANCE = 7.5  # SD's usual scale, for models that recommend none
@@ -113,6 +114,11 @@ def build_parser() -> ArgumentParser:
                    help="a textual-inversion embedding (.safetensors, .pt, .bin); its file name is the word that "
                         "calls it in a prompt (repeatable)")
     p.add_argument("--embeddings-dir", type=Path, metavar="DIR", help="every embedding file in this folder")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:MULTIPLIER]",
+                   help="merge a LoRA file (kohya/A1111 or diffusers/PEFT layout) into the weights, times MULTIPLIER "
+                        "(default 1; repeatable)")
+    p.add_argument("--lora-dir", type=Path, metavar="DIR",
+                   help="where a prompt's <lora:NAME:MULTIPLIER> tags find NAME.safetensors (or .pt, .ckpt)")
     p.add_argument("--parameters-from", type=Path, metavar="IMAGE",
                    help="take prompt, negative prompt, steps, sampler, schedule type, CFG scale, seed, size and clip "
                         "skip from a PNG's parameters (ours or AUTOMATIC1111's); flags given here win")
@@ -203,6 +209,14 @@ def check_arguments(args) -> list[str]:
             raise UsageError(f"prompt file {args.from_file} has no prompts: write one prompt per line")
     else:
         prompts = [args.prompt if args.prompt is not None else DEFAULT_PROMPT]
+    args.lora = [lora_argument(text) for text in args.lora]
+    for prompt in prompts:  # the LoRA tags: readable, and their files there
+        try:
+            tags = lora_tags(prompt)
+        except ValueError as error:
+            raise UsageError(str(error))
+        for name, _ in tags:
+            tagged_lora_file(name, args.lora_dir)
     try:  # a weight written as a number that is not one, e.g. (word:1.2.3), is the only unreadable prompt
         for prompt in [*prompts, args.negative_prompt]:
             for _, text in prompt_schedule(prompt, args.steps if args.steps >= 1 else 1):
@@ -308,6 +322,32 @@ def outpaint_borders(text: str) -> tuple[int, int, int, int]:
     return borders
 
 
+def lora_argument(text: str) -> tuple[Path, float]:
+    """--lora PATH or PATH:MULTIPLIER -> (path, multiplier); a path that exists as written wins (C:\\ on Windows)."""
+    path, _, multiplier = text.rpartition(":")
+    if Path(text).is_file() or not path:
+        path, multiplier = text, "1"
+    try:
+        value = float(multiplier)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise UsageError(f"--lora {text}: the multiplier {multiplier!r} is not a number (write PATH:0.8)")
+    if not Path(path).is_file():
+        raise UsageError(f"LoRA file not found: {path}")
+    return Path(path), value
+
+
+def tagged_lora_file(name: str, folder: Path | None) -> Path:
+    """The file of a prompt's <lora:NAME>: NAME.safetensors (or .pt, .ckpt) in --lora-dir."""
+    if folder is None:
+        raise UsageError(f"the prompt names <lora:{name}>: say where LoRA files lie with --lora-dir")
+    for suffix in (".safetensors", ".pt", ".ckpt"):
+        if (folder / (name + suffix)).is_file():
+            return folder / (name + suffix)
+    raise UsageError(f"the prompt names <lora:{name}>, but {folder} has no {name}.safetensors (nor .pt, .ckpt)")
+
+
 def images_in_run(args, prompts: list[str]) -> int:
     return args.n_iter * len(prompts) * args.n_samples
 
@@ -340,6 +380,7 @@ def run(args, prompts: list[str]) -> int:
     from sd_scratch import samplers
     from sd_scratch.images import from_pil, grid, mask_from_pil, save_numbered, save_png, to_pil
     from sd_scratch.loading import CheckpointError, load_checkpoint
+    from sd_scratch.lora import apply_loras
     from sd_scratch.sample import SpeedAndMemory, check_unet_input, generate
 
     try:  # steps, eta, karras: the sampler's own checks, before any weights are loaded
@@ -389,6 +430,7 @@ def run(args, prompts: list[str]) -> int:
     if skip >= model.text_encoder.config.layers:
         raise UsageError(f"--clip-skip {skip} leaves no text encoder layer: it has {model.text_encoder.config.layers}")
     embeddings = read_embeddings(args, model.text_encoder.config.width)
+    loras = read_loras(model, args, prompts)  # file -> its LoRA, read for this model
     init_image = None if init is None else from_pil(init, width, height)
     soft_mask = None
     if mask is not None:
@@ -399,8 +441,14 @@ def run(args, prompts: list[str]) -> int:
     speed = SpeedAndMemory(args.attention_slices, args.tiled_decode, args.compile)
     jobs = [prompt for _ in range(args.n_iter) for prompt in prompts]  # one batch each; image i uses seed + i
     one_bar = len(jobs) > 1  # many batches: one bar over them, not one per batch
-    made, grid_parameters = [], None
+    made, grid_parameters, applied = [], None, None
     for job, prompt in enumerate(tqdm(jobs, desc="batches", disable=not one_bar)):
+        wanted = [(loras[path], multiplier) for path, multiplier in args.lora]
+        wanted += [(loras[tagged_lora_file(name, args.lora_dir)], multiplier) for name, multiplier in lora_tags(prompt)]
+        if applied is None or wanted != model.loras:  # the LoRAs of this batch merged in (kept for the next)
+            if applied is not None:
+                applied.remove()
+            applied = apply_loras(model, wanted)
         result = generate(model, [prompt] * args.n_samples, args.negative_prompt, steps=args.steps,
                           guidance=guidance, sampler=args.sampler, spacing=args.spacing, karras=args.karras,
                           schedule_type=args.schedule, eta=args.eta, seed=args.seed + job * args.n_samples,
@@ -422,7 +470,19 @@ def run(args, prompts: list[str]) -> int:
                            file=sys.stdout)
     if args.grid and len(made) > 1:
         print(save_numbered(grid(made, columns=args.n_samples), args.outdir, "grid", grid_parameters))
+    applied.remove()
     return 0
+
+
+def read_loras(model, args, prompts: list[str]) -> dict:
+    """Every LoRA file of --lora and of the prompts' tags, read once for this model: {path: Lora}."""
+    from sd_scratch.lora import LoraError, load_lora
+    paths = [path for path, _ in args.lora]
+    paths += [tagged_lora_file(name, args.lora_dir) for prompt in prompts for name, _ in lora_tags(prompt)]
+    try:
+        return {path: load_lora(path, model) for path in dict.fromkeys(paths)}
+    except LoraError as error:
+        raise UsageError(str(error))
 
 
 def read_init_image_and_mask(args):

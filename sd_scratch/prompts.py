@@ -31,6 +31,7 @@ one, `(word:1.2.3)`, is an error (A1111 fails on it too); `(word:abc)` is text.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -334,6 +335,36 @@ def _text_at(nodes: list, step: int, steps: int) -> str:
     return "".join(parts)
 
 
+# ---------------------------------------------------------------------------------------------
+# LoRA tags, AUTOMATIC1111's extra-network syntax: <lora:NAME> or <lora:NAME:MULTIPLIER> anywhere in a
+# prompt asks for that LoRA (lora.py) and is taken out of the text the encoder reads.
+
+LORA_TAG = re.compile(r"<(?:lora|lyco):([^>]*)>", re.IGNORECASE)
+
+
+def lora_tags(prompt: str) -> list[tuple[str, float]]:
+    """The (name, multiplier) of every <lora:NAME> or <lora:NAME:MULTIPLIER> tag of `prompt` (1 if not given)."""
+    tags = []
+    for match in LORA_TAG.finditer(prompt):
+        name, *numbers = [part.strip() for part in match.group(1).split(":")]
+        if not name or len(numbers) > 1:
+            raise ValueError(f"{match.group(0)} is not a LoRA tag sd_scratch reads: write <lora:NAME> or "
+                             "<lora:NAME:MULTIPLIER> (one multiplier, for the UNet and the text encoder alike)")
+        try:
+            multiplier = float(numbers[0]) if numbers else 1.0
+        except ValueError:
+            multiplier = math.nan
+        if not math.isfinite(multiplier):
+            raise ValueError(f"the multiplier of {match.group(0)} is not a number: write e.g. <lora:{name}:0.8>")
+        tags.append((name, multiplier))
+    return tags
+
+
+def without_lora_tags(prompt: str) -> str:
+    """The prompt as the text encoder reads it: the LoRA tags taken out (AUTOMATIC1111 does the same)."""
+    return LORA_TAG.sub("", prompt)
+
+
 def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     """A prompt with prompt editing -> [(end_step, text), ...], as A1111's
     `get_learned_conditioning_prompt_schedules` with its old scheduling rule and no hires pass: each text is
@@ -344,6 +375,7 @@ def prompt_schedule(prompt: str, steps: int) -> list[tuple[int, str]]:
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, not {steps}")
+    prompt = without_lora_tags(prompt)
     try:
         nodes = _ScheduleParser(prompt).top_level()
     except (_NoParse, RecursionError):

@@ -41,6 +41,7 @@ from sd_scratch.images import binarise, parameters_text, save_png, to_pil
 from sd_scratch.images import paste_back as paste_images_back
 from sd_scratch.loading import StableDiffusion, release_weights
 from sd_scratch.loading.embeddings import Embedding
+from sd_scratch.prompts import lora_tags
 from sd_scratch.vae import decode_tiled
 
 
@@ -137,6 +138,7 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
     preview_every: if > 0, also decode the predicted clean image every that many UNet calls.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    check_lora_tags(model, prompts)
     height, width = image_size(model, init_image, height, width)
     strength = (0.8 if mask is None else 1.0) if strength is None else strength
     inpainting = check_inpainting(model, init_image, mask, height, width)
@@ -242,8 +244,21 @@ def describe(model: StableDiffusion, prompts: list[str], negative_prompt: str, s
     if embeddings:  # which embedding files the prompts used, by name and short hash, as A1111 writes them
         settings["TI hashes"] = ", ".join(f"{e.name.replace(':', '').replace(',', '')}: {e.short_hash}"
                                           for e in embeddings)
+    if model.loras:  # the LoRAs merged into the weights, likewise (the prompt keeps their <lora:...> tags)
+        settings["Lora hashes"] = ", ".join(f"{lora.name.replace(':', '').replace(',', '')}: {lora.short_hash}"
+                                            for lora, _ in model.loras)
     return [parameters_text(prompt, negative_prompt, {**settings, "Seed": seed + i})
             for i, prompt in enumerate(prompts)]
+
+
+def check_lora_tags(model: StableDiffusion, prompts: list[str]) -> None:
+    """Warn about <lora:NAME:M> tags naming LoRAs that are not applied: the text encoder never sees the tags,
+    so they do nothing by themselves (the command line applies them; in Python, `lora.apply_loras`)."""
+    applied = {(lora.name, multiplier) for lora, multiplier in model.loras}
+    missing = {tag for prompt in prompts for tag in lora_tags(prompt)} - applied
+    if missing:
+        warnings.warn(f"the prompts name {', '.join(f'<lora:{n}:{m:g}>' for n, m in sorted(missing))}, which "
+                      "is not applied to the model (lora.apply_loras): it has no effect", stacklevel=3)
 
 
 def image_size(model: StableDiffusion, init_image, height: int | None, width: int | None) -> tuple[int, int]:
