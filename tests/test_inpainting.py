@@ -11,8 +11,6 @@ import torch
 from diffusers import StableDiffusionInpaintPipeline
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image, ImageDraw
-from safetensors.torch import load_file
-from transformers import CLIPTokenizer
 
 from reference_pipeline import reference_scheduler
 from sd_scratch import samplers
@@ -20,10 +18,10 @@ from sd_scratch.cli import main
 from sd_scratch.images import binarise, extend_for_outpainting, from_pil, mask_from_pil, read_parameters
 from sd_scratch.loading import load_checkpoint, save_checkpoint
 from sd_scratch.sample import generate
-from sd_scratch.tokenizer import PAD_ZERO, WEIGHTS_DIR
+from sd_scratch.tokenizer import PAD_ZERO
 from small_models import UNET_SD1, UNET_SD2, randomize, small_sd
 from sd_scratch.unet import UNet
-from twins import clip_reference, clip_twin, unet_twin, vae_twin
+from twins import pipeline_components
 
 HEIGHT, WIDTH = 48, 64
 PROMPT, NEGATIVE = "a red circle on a blue background", "blurry"
@@ -92,17 +90,7 @@ def build_pair(tmp_path_factory, version, channels):
     path = tmp_path_factory.mktemp("model") / "inpainting.safetensors"
     write_model(path, version, channels)
     model = load_checkpoint(path)
-    original = load_file(str(path))
-    if version == 1:
-        clip = clip_twin(original, model.text_encoder.config)
-        tokenizer = CLIPTokenizer.from_pretrained(str(WEIGHTS_DIR), model_max_length=77)
-    else:  # the loader's reading of SD 2.x's text encoder is tested elsewhere: copy ours into transformers' model
-        clip = clip_reference(model.text_encoder.config)
-        clip.load_state_dict({k.removeprefix("text_model."): v for k, v in model.text_encoder.state_dict().items()})
-        tokenizer = CLIPTokenizer.from_pretrained(str(WEIGHTS_DIR), model_max_length=77, pad_token="!")
-    components = dict(unet=unet_twin(original, model.unet.config, sample_size=8),
-                      vae=vae_twin(original, model.vae.config), text_encoder=clip, tokenizer=tokenizer)
-    return model, components
+    return model, pipeline_components(path, model)
 
 
 def diffusers_inpaint(components, sampler):
@@ -164,7 +152,7 @@ def test_an_inpainting_unet_sees_the_mask_and_the_holed_picture(inpainting_pair,
 
 def test_an_ordinary_model_keeps_the_unmasked_latents_exactly(plain_pair, monkeypatch):
     model, _ = plain_pair
-    import sd_scratch.sample as sample
+    from sd_scratch import sample
     kept = {}
     decode = sample.latents_to_images
 

@@ -11,7 +11,6 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTokenizer
 
 from reference_pipeline import reference_scheduler
 from sd_scratch import lora as lora_module
@@ -20,9 +19,9 @@ from sd_scratch.lora import LoraError, apply_loras, load_lora
 from sd_scratch.loading import load_checkpoint, save_checkpoint
 from sd_scratch.prompts import lora_tags, prompt_schedule
 from sd_scratch.sample import generate
-from sd_scratch.tokenizer import PAD_ZERO, WEIGHTS_DIR
+from sd_scratch.tokenizer import PAD_ZERO
 from small_models import small_sd
-from twins import clip_reference, clip_twin, unet_twin, vae_twin
+from twins import pipeline_components
 
 PROMPT, NEGATIVE = "a red circle on a blue background", "blurry"
 RANK, ALPHA = 4, 2.0  # one alpha for every layer: diffusers 0.42 reads per-layer alphas wrongly (the issue)
@@ -33,17 +32,7 @@ def build_pair(folder, version):
     path = folder / f"sd{version}.safetensors"
     save_checkpoint(path, text_encoder, unet, vae, image_size=64, **({"pad_token_id": PAD_ZERO} if version == 2 else {}))
     model = load_checkpoint(path)
-    original = load_file(str(path))
-    if version == 1:
-        clip = clip_twin(original, model.text_encoder.config)
-        tokenizer = CLIPTokenizer.from_pretrained(str(WEIGHTS_DIR), model_max_length=77)
-    else:  # SD 2.x's text encoder reading is tested elsewhere: copy ours into transformers' model
-        clip = clip_reference(model.text_encoder.config)
-        clip.load_state_dict({k.removeprefix("text_model."): v for k, v in model.text_encoder.state_dict().items()})
-        tokenizer = CLIPTokenizer.from_pretrained(str(WEIGHTS_DIR), model_max_length=77, pad_token="!")
-    components = dict(unet=unet_twin(original, model.unet.config, sample_size=8),
-                      vae=vae_twin(original, model.vae.config), text_encoder=clip, tokenizer=tokenizer)
-    return model, components
+    return model, pipeline_components(path, model)
 
 
 @pytest.fixture(scope="module")

@@ -120,3 +120,23 @@ def diffusers_twins(original: dict[str, torch.Tensor], unet: UNetConfig, vae: VA
     """The three networks of an SD 1.x single file (its tensors under their full keys), in diffusers and
     transformers."""
     return Twins(unet_twin(original, unet, sample_size), vae_twin(original, vae), clip_twin(original, text_encoder))
+
+
+def pipeline_components(path, model, sample_size: int = 8) -> dict:
+    """diffusers' pipeline components (unet, vae, text_encoder, tokenizer) holding the single file at `path`,
+    which `model` is our loading of. A text encoder in OpenCLIP's layout (SD 2.x) reaches transformers' model
+    as ours (the loader's reading of that layout is tested elsewhere)."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTokenizer
+
+    from sd_scratch.tokenizer import PAD_ZERO, WEIGHTS_DIR
+    original = load_file(str(path))
+    if any(key.startswith(CLIP_PREFIX) for key in original):
+        clip = clip_twin(original, model.text_encoder.config)
+    else:
+        clip = clip_reference(model.text_encoder.config)
+        clip.load_state_dict({k.removeprefix("text_model."): v for k, v in model.text_encoder.state_dict().items()})
+    padding = {"pad_token": "!"} if model.tokenizer.pad_token_id == PAD_ZERO else {}  # SD 2.x pads with "!" (id 0)
+    tokenizer = CLIPTokenizer.from_pretrained(str(WEIGHTS_DIR), model_max_length=77, **padding)
+    return dict(unet=unet_twin(original, model.unet.config, sample_size=sample_size),
+                vae=vae_twin(original, model.vae.config), text_encoder=clip, tokenizer=tokenizer)
