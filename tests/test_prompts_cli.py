@@ -102,9 +102,9 @@ def test_bad_parameter_sources_are_one_line_errors(checkpoint, tmp_path, capsys)
     missing = tmp_path / "missing.png"
     assert main(["--checkpoint", str(checkpoint), "--parameters-from", str(missing), "--outdir", str(tmp_path)]) == 2
     one_line_error(capsys, "missing.png")
-    lcm = write_png(tmp_path / "lcm.png", "a cat\nSteps: 4, Sampler: LCM, CFG scale: 1, Seed: 1, Size: 32x32")
-    assert main(["--checkpoint", str(checkpoint), "--parameters-from", str(lcm), "--outdir", str(tmp_path)]) == 2
-    one_line_error(capsys, "LCM")
+    restart = write_png(tmp_path / "restart.png", "a cat\nSteps: 4, Sampler: Restart, CFG scale: 1, Seed: 1, Size: 32x32")
+    assert main(["--checkpoint", str(checkpoint), "--parameters-from", str(restart), "--outdir", str(tmp_path)]) == 2
+    one_line_error(capsys, "Restart")
     assert not list(tmp_path.glob("sample-*.png"))
 
 
