@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(prog="python -m experiments.lms_and_pndm.exact_model",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="whose VAE gives the colours (default: the tiny model)")
-    scale_samplers = [name for name in samplers.SAMPLER_NAMES if not samplers.needs_unconditional(name)]
+    scale_samplers = [name for name in samplers.SAMPLER_NAMES  # not lcm: a sampler for models distilled for it
+                      if not samplers.needs_unconditional(name) and name != "lcm"]
     parser.add_argument("--samplers", nargs="+", default=scale_samplers, choices=samplers.SAMPLER_NAMES,
                         help="default: all but euler_cfgpp, whose guidance is a lambda in [0, 1]")
     parser.add_argument("--guidance", nargs="+", type=float, default=[1.0, 3.0, 7.5])

@@ -134,7 +134,7 @@ def test_the_command_prints_a_table_and_refuses_bad_arguments_in_one_line(capsys
                          (["--shades", "-0.1"], "--shades must be between 0 and 0.5"),
                          (["--karras"], "--karras needs sigma-based samplers"),
                          (["--samplers", "euler_cfgpp", "--guidance", "3"], "takes CFG++'s guidance lambda"),
-                         (["--checkpoint", "no/such/file.safetensors"], "checkpoint not found")]:
+                         (["--checkpoint", "no_such_folder/file.safetensors"], "checkpoint not found")]:
         with pytest.raises(SystemExit) as exit_:
             main(bad)
         assert exit_.value.code == 2
