@@ -11,14 +11,13 @@ its settings in a `parameters` text chunk that image browsers read.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 from sd_scratch.checks import SEED_RANGE, check_seeds, check_size, finite
-from sd_scratch.prompts import lora_tags, parse_emphasis, prompt_schedule
+from sd_scratch.prompts import find_lora, lora_multiplier, lora_tags, parse_emphasis, prompt_schedule
 
 DEFAULT_PROMPT = "a red circle on a blue background"  # in the shipped tiny model's vocabulary
 DEFAULT_GUIDANCE = 7.5  # SD's usual scale, for models that recommend none
@@ -210,13 +209,7 @@ def check_arguments(args) -> list[str]:
     else:
         prompts = [args.prompt if args.prompt is not None else DEFAULT_PROMPT]
     args.lora = [lora_argument(text) for text in args.lora]
-    for prompt in prompts:  # the LoRA tags: readable, and their files there
-        try:
-            tags = lora_tags(prompt)
-        except ValueError as error:
-            raise UsageError(str(error))
-        for name, _ in tags:
-            tagged_lora_file(name, args.lora_dir)
+    tagged_lora_files(args, prompts)  # the LoRA tags: readable, and their files there
     try:  # a weight written as a number that is not one, e.g. (word:1.2.3), is the only unreadable prompt
         for prompt in [*prompts, args.negative_prompt]:
             for _, text in prompt_schedule(prompt, args.steps if args.steps >= 1 else 1):
@@ -327,25 +320,20 @@ def lora_argument(text: str) -> tuple[Path, float]:
     path, _, multiplier = text.rpartition(":")
     if Path(text).is_file() or not path:
         path, multiplier = text, "1"
-    try:
-        value = float(multiplier)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
+    value = lora_multiplier(multiplier)
+    if value is None:
         raise UsageError(f"--lora {text}: the multiplier {multiplier!r} is not a number (write PATH:0.8)")
     if not Path(path).is_file():
         raise UsageError(f"LoRA file not found: {path}")
     return Path(path), value
 
 
-def tagged_lora_file(name: str, folder: Path | None) -> Path:
-    """The file of a prompt's <lora:NAME>: NAME.safetensors (or .pt, .ckpt) in --lora-dir."""
-    if folder is None:
-        raise UsageError(f"the prompt names <lora:{name}>: say where LoRA files lie with --lora-dir")
-    for suffix in (".safetensors", ".pt", ".ckpt"):
-        if (folder / (name + suffix)).is_file():
-            return folder / (name + suffix)
-    raise UsageError(f"the prompt names <lora:{name}>, but {folder} has no {name}.safetensors (nor .pt, .ckpt)")
+def tagged_lora_files(args, prompts: list[str]) -> dict[str, Path]:
+    """The file of each <lora:NAME> of the prompts, found in --lora-dir: {NAME: path}."""
+    try:
+        return {name: find_lora(name, args.lora_dir) for prompt in prompts for name, _ in lora_tags(prompt)}
+    except ValueError as error:
+        raise UsageError(str(error))
 
 
 def images_in_run(args, prompts: list[str]) -> int:
@@ -430,7 +418,8 @@ def run(args, prompts: list[str]) -> int:
     if skip >= model.text_encoder.config.layers:
         raise UsageError(f"--clip-skip {skip} leaves no text encoder layer: it has {model.text_encoder.config.layers}")
     embeddings = read_embeddings(args, model.text_encoder.config.width)
-    loras = read_loras(model, args, prompts)  # file -> its LoRA, read for this model
+    tagged = tagged_lora_files(args, prompts)
+    loras = read_loras(model, [*(path for path, _ in args.lora), *tagged.values()])  # file -> its LoRA
     init_image = None if init is None else from_pil(init, width, height)
     soft_mask = None
     if mask is not None:
@@ -444,7 +433,7 @@ def run(args, prompts: list[str]) -> int:
     made, grid_parameters, applied = [], None, None
     for job, prompt in enumerate(tqdm(jobs, desc="batches", disable=not one_bar)):
         wanted = [(loras[path], multiplier) for path, multiplier in args.lora]
-        wanted += [(loras[tagged_lora_file(name, args.lora_dir)], multiplier) for name, multiplier in lora_tags(prompt)]
+        wanted += [(loras[tagged[name]], multiplier) for name, multiplier in lora_tags(prompt)]
         if applied is None or wanted != model.loras:  # the LoRAs of this batch merged in (kept for the next)
             if applied is not None:
                 applied.remove()
@@ -474,11 +463,9 @@ def run(args, prompts: list[str]) -> int:
     return 0
 
 
-def read_loras(model, args, prompts: list[str]) -> dict:
-    """Every LoRA file of --lora and of the prompts' tags, read once for this model: {path: Lora}."""
+def read_loras(model, paths: list[Path]) -> dict:
+    """Every LoRA file of the run (--lora and the prompts' tags), read once for this model: {path: Lora}."""
     from sd_scratch.lora import LoraError, load_lora
-    paths = [path for path, _ in args.lora]
-    paths += [tagged_lora_file(name, args.lora_dir) for prompt in prompts for name, _ in lora_tags(prompt)]
     try:
         return {path: load_lora(path, model) for path in dict.fromkeys(paths)}
     except LoraError as error:

@@ -53,6 +53,7 @@ OTHER_ADAPTERS = {"dora_scale": "DoRA (weight-decomposed LoRA)", "lora_mid.weigh
                   "diff": "a full weight difference", "diff_b": "a full weight difference",
                   "hada_": "LoHa (LyCORIS)", "lokr_": "LoKr (LyCORIS)", "oft_": "OFT (LyCORIS)"}  # the last three: prefixes
 SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.")
+PART_NAMES_LONGEST_FIRST = sorted([*PARTS, *OTHER_ADAPTERS], key=len, reverse=True)  # "lora.down.weight" first
 
 
 class LoraError(CheckpointError):
@@ -102,9 +103,9 @@ def layer_names(model: StableDiffusion) -> dict[str, tuple[str, str]]:
     the text encoder, in the four spellings above (kohya and PEFT, each after both UNet trees)."""
     names = {}
     for network in NETWORKS:
+        kohya_prefix, peft_prefix = ("lora_unet_", "unet.") if network == "unet" else ("lora_te_", "text_encoder.")
         for ours, theirs in module_paths(model, network).items():
             for path in {ours, theirs}:
-                kohya_prefix, peft_prefix = ("lora_unet_", "unet.") if network == "unet" else ("lora_te_", "text_encoder.")
                 names[kohya_prefix + path.replace(".", "_")] = (network, ours)
                 names[peft_prefix + path] = (network, ours)
     return names
@@ -189,7 +190,7 @@ def load_lora(path: str | Path, model: StableDiffusion) -> Lora:
 def split_key(key: str) -> tuple[str, str | None]:
     """A file's key -> (the layer's name, the part's name), e.g. ("lora_unet_..._to_q", "lora_down.weight");
     part None when the key is no part of a LoRA layer."""
-    for part in sorted([*PARTS, *OTHER_ADAPTERS], key=len, reverse=True):
+    for part in PART_NAMES_LONGEST_FIRST:
         if key.endswith("." + part):
             return key[: -len(part) - 1], part
     match = re.match(r"(.*)\.((?:hada|lokr|oft)_[\w.]+)$", key)  # the parts of LyCORIS' other adapters
@@ -251,16 +252,3 @@ def apply_loras(model: StableDiffusion, loras: list[tuple[Lora, float]]) -> Appl
         torch.set_num_threads(threads)
     model.loras = list(loras)
     return applied
-
-
-# --------------------------------------------------------------------------------------------------
-# <lora:NAME:MULTIPLIER> in a prompt (AUTOMATIC1111's extra-network syntax; read by prompts.lora_tags)
-
-def find_lora(name: str, folder: str | Path | None) -> Path:
-    """The file a prompt's <lora:NAME> means: NAME.safetensors (or .pt, .ckpt) in `folder`."""
-    if folder is None:
-        raise LoraError(f"the prompt names <lora:{name}>: say where LoRA files lie with --lora-dir")
-    for suffix in (".safetensors", ".pt", ".ckpt"):
-        if (Path(folder) / (name + suffix)).is_file():
-            return Path(folder) / (name + suffix)
-    raise LoraError(f"the prompt names <lora:{name}>, but {folder} has no {name}.safetensors (nor .pt, .ckpt)")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Emphasis
@@ -350,14 +351,30 @@ def lora_tags(prompt: str) -> list[tuple[str, float]]:
         if not name or len(numbers) > 1:
             raise ValueError(f"{match.group(0)} is not a LoRA tag sd_scratch reads: write <lora:NAME> or "
                              "<lora:NAME:MULTIPLIER> (one multiplier, for the UNet and the text encoder alike)")
-        try:
-            multiplier = float(numbers[0]) if numbers else 1.0
-        except ValueError:
-            multiplier = math.nan
-        if not math.isfinite(multiplier):
+        multiplier = lora_multiplier(numbers[0]) if numbers else 1.0
+        if multiplier is None:
             raise ValueError(f"the multiplier of {match.group(0)} is not a number: write e.g. <lora:{name}:0.8>")
         tags.append((name, multiplier))
     return tags
+
+
+def lora_multiplier(text: str) -> float | None:
+    """A LoRA's multiplier as written ("0.8", "-1"), or None when it is not a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def find_lora(name: str, folder: str | Path | None) -> Path:
+    """The file a prompt's <lora:NAME> means: NAME.safetensors (or .pt, .ckpt) in `folder` (--lora-dir)."""
+    if folder is None:
+        raise ValueError(f"the prompt names <lora:{name}>: say where LoRA files lie with --lora-dir")
+    for suffix in (".safetensors", ".pt", ".ckpt"):
+        if (Path(folder) / (name + suffix)).is_file():
+            return Path(folder) / (name + suffix)
+    raise ValueError(f"the prompt names <lora:{name}>, but {folder} has no {name}.safetensors (nor .pt, .ckpt)")
 
 
 def without_lora_tags(prompt: str) -> str:

@@ -229,8 +229,8 @@ def describe(model: StableDiffusion, prompts: list[str], negative_prompt: str, s
     if schedule_type in SCHEDULE_LABELS:
         settings["Schedule type"] = SCHEDULE_LABELS[schedule_type]
     settings |= {"CFG scale": guidance, "Seed": None, "Size": f"{width}x{height}", "Model": Path(model.source).stem}
-    if vae_file := getattr(model, "vae_file", None):  # a VAE of its own file (--vae), named as A1111 names it
-        settings |= {"VAE hash": vae_file[1], "VAE": vae_file[0]}
+    if model.vae_file:  # a VAE of its own file (--vae), named as A1111 names it
+        settings |= {"VAE hash": model.vae_file[1], "VAE": model.vae_file[0]}
     if skip or model.skip_last_layers:  # so that reading it back restores it, also for a model that skips by itself
         settings["Clip skip"] = skip + 1  # the web UIs count the last layer as 1
     if strength is not None:
@@ -242,13 +242,17 @@ def describe(model: StableDiffusion, prompts: list[str], negative_prompt: str, s
     if spacing is not None:
         settings["Spacing"] = spacing  # not an A1111 field: diffusers' timestep_spacing
     if embeddings:  # which embedding files the prompts used, by name and short hash, as A1111 writes them
-        settings["TI hashes"] = ", ".join(f"{e.name.replace(':', '').replace(',', '')}: {e.short_hash}"
-                                          for e in embeddings)
+        settings["TI hashes"] = file_hashes(embeddings)
     if model.loras:  # the LoRAs merged into the weights, likewise (the prompt keeps their <lora:...> tags)
-        settings["Lora hashes"] = ", ".join(f"{lora.name.replace(':', '').replace(',', '')}: {lora.short_hash}"
-                                            for lora, _ in model.loras)
+        settings["Lora hashes"] = file_hashes(lora for lora, _ in model.loras)
     return [parameters_text(prompt, negative_prompt, {**settings, "Seed": seed + i})
             for i, prompt in enumerate(prompts)]
+
+
+def file_hashes(files) -> str:
+    """"name: hash, name: hash" of embeddings or LoRAs, as A1111 writes them (a name loses its ':' and ',',
+    which would break the list)."""
+    return ", ".join(f"{file.name.replace(':', '').replace(',', '')}: {file.short_hash}" for file in files)
 
 
 def check_lora_tags(model: StableDiffusion, prompts: list[str]) -> None:

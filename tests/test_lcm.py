@@ -9,38 +9,17 @@ import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from reference_pipeline import reference_scheduler
-from safetensors.torch import load_file
 from small_models import small_sd
-from transformers import CLIPTokenizer
-from twins import diffusers_twins
+from test_samplers import LATENT_SHAPE, TOLERANCE, dummy_model, generators, relative_error, start_noise
+from twins import pipeline_components
 
 from sd_scratch import samplers
 from sd_scratch.cli import main
 from sd_scratch.images import read_parameters
 from sd_scratch.loading import load_checkpoint, save_checkpoint
 from sd_scratch.sample import generate
-from sd_scratch.tokenizer import WEIGHTS_DIR
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
-
-TOLERANCE = 1e-5  # max |ours - diffusers| / max |diffusers|, per latent
-LATENT_SHAPE = (2, 4, 4, 4)
-
-
-def dummy_model(model_input, t):
-    return 0.1 * model_input + 0.01 * t
-
-
-def start_noise(seed=0):
-    return torch.randn(LATENT_SHAPE, generator=torch.Generator().manual_seed(seed))
-
-
-def generators(*seeds):
-    return [torch.Generator().manual_seed(seed) for seed in seeds]
-
-
-def relative_error(ours, theirs):
-    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
 
 
 def run_ours(plan, x, gens):
@@ -182,12 +161,8 @@ def pair(tmp_path_factory):
     path = tmp_path_factory.mktemp("lcm") / "small.safetensors"
     save_checkpoint(path, *small_sd(1, seed=3), image_size=64)
     model = load_checkpoint(path)
-    twins = diffusers_twins(load_file(str(path)), model.unet.config, model.vae.config, model.text_encoder.config,
-                            sample_size=8)
-    tokenizer = CLIPTokenizer.from_pretrained(str(WEIGHTS_DIR), model_max_length=77)
-    components = {"unet": twins.unet.eval(), "vae": twins.vae.eval(), "text_encoder": twins.text_encoder.eval(),
-                  "tokenizer": tokenizer, "scheduler": reference_scheduler("lcm"), "safety_checker": None,
-                  "feature_extractor": None, "requires_safety_checker": False}
+    components = {**pipeline_components(path, model), "scheduler": reference_scheduler("lcm"),
+                  "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
     return path, model, components
 
 
