@@ -9,6 +9,11 @@ Shapes are drawn with anti-aliased edges: each pixel is covered by a 4 x 4 grid 
 and the fraction of them inside the shape mixes the two colours. All three shapes fill the same
 square bounding box of side `size`, so what tells them apart is how much of it they cover: a square
 all of it, a circle pi/4, a triangle (apex up, base down) one half.
+
+A fourth shape, the diamond (the box's square turned 45 degrees: its corners touch the middles of the
+box's sides; one half of the box too), is drawn only when asked for (`shapes=NEW_SHAPES`): the shipped
+model never saw one, and `train_lora.py` teaches it the word with a LoRA. The base dataset, its
+palette, captions and random draws are the same with or without it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ COLOURS = {
     "black": (20, 20, 20),
 }
 SHAPES = ("circle", "square", "triangle")
+NEW_SHAPES = ("diamond",)  # never in the tiny model's training data: what its LoRA teaches (train_lora.py)
 SIZE_RANGE = (0.35, 0.7)  # side of the shape's bounding box, as a fraction of the image side
 MARGIN = 3  # pixels of background always left around the shape, so the border shows the background
 SUBSAMPLES = 4  # anti-aliasing: 4 x 4 sample points per pixel
@@ -53,15 +59,16 @@ class Scene:
         return caption(self.colour, self.shape, self.background)
 
 
-def random_scenes(count: int, seed: int, image_size: int = IMAGE_SIZE) -> list[Scene]:
-    """`count` scenes drawn uniformly: any shape, any colour, any other colour behind it, any size and place."""
+def random_scenes(count: int, seed: int, image_size: int = IMAGE_SIZE,
+                  shapes: tuple[str, ...] = SHAPES) -> list[Scene]:
+    """`count` scenes drawn uniformly: any of `shapes`, any colour, any other colour behind it, any size and place."""
     generator = torch.Generator().manual_seed(seed)
 
     def uniform(low, high):
         return low + (high - low) * torch.rand(count, generator=generator, dtype=torch.float64)
 
     names = list(COLOURS)
-    shapes = torch.randint(len(SHAPES), (count,), generator=generator)
+    shape_indices = torch.randint(len(shapes), (count,), generator=generator)
     colours = torch.randint(len(names), (count,), generator=generator)
     # An offset of 1..7 around the palette: every background but the shape's own colour, equally often.
     backgrounds = (colours + torch.randint(1, len(names), (count,), generator=generator)) % len(names)
@@ -70,8 +77,8 @@ def random_scenes(count: int, seed: int, image_size: int = IMAGE_SIZE) -> list[S
     centres_x = uniform(half, image_size - half)
     centres_y = uniform(half, image_size - half)
     return [
-        Scene(names[c], SHAPES[s], names[b], float(x), float(y), float(size))
-        for c, s, b, x, y, size in zip(colours.tolist(), shapes.tolist(), backgrounds.tolist(),
+        Scene(names[c], shapes[s], names[b], float(x), float(y), float(size))
+        for c, s, b, x, y, size in zip(colours.tolist(), shape_indices.tolist(), backgrounds.tolist(),
                                        centres_x, centres_y, sizes)
     ]
 
@@ -88,17 +95,26 @@ def coverage(scenes: list[Scene], image_size: int = IMAGE_SIZE) -> torch.Tensor:
     cx, cy = column([s.centre_x for s in scenes]), column([s.centre_y for s in scenes])
     half = column([s.size / 2 for s in scenes])
     dx, dy = x - cx, y - cy
-    inside = {
-        "circle": dx**2 + dy**2 <= half**2,
-        "square": (dx.abs() <= half) & (dy.abs() <= half),
-        # Apex at the top centre, base along the bottom: the half-width grows from 0 to `half`
-        # over the height 2 * half, i.e. |dx| <= (dy + half) / 2, above the base.
-        "triangle": (dx.abs() <= (dy + half) / 2) & (dy <= half),
-    }
-    shape_index = column([SHAPES.index(s.shape) for s in scenes])
+
+    def inside(shape):
+        if shape == "circle":
+            return dx**2 + dy**2 <= half**2
+        if shape == "square":
+            return (dx.abs() <= half) & (dy.abs() <= half)
+        if shape == "triangle":
+            # Apex at the top centre, base along the bottom: the half-width grows from 0 to `half`
+            # over the height 2 * half, i.e. |dx| <= (dy + half) / 2, above the base.
+            return (dx.abs() <= (dy + half) / 2) & (dy <= half)
+        if shape == "diamond":  # corners at the middles of the box's sides
+            return dx.abs() + dy.abs() <= half
+        raise ValueError(f"unknown shape {shape!r}")
+
+    all_shapes = SHAPES + NEW_SHAPES
+    shape_index = column([all_shapes.index(s.shape) for s in scenes])
     mask = torch.zeros(len(scenes), image_size * SUBSAMPLES, image_size * SUBSAMPLES, dtype=torch.bool)
-    for i, shape in enumerate(SHAPES):
-        mask |= inside[shape] & (shape_index == i)
+    for i, shape in enumerate(all_shapes):
+        if (shape_index == i).any():  # the base shapes' masks as before; a diamond's only where one is drawn
+            mask |= inside(shape) & (shape_index == i)
     # Average each SUBSAMPLES x SUBSAMPLES block of sample points into its pixel.
     return torch.nn.functional.avg_pool2d(mask.float()[:, None], SUBSAMPLES)[:, 0]
 
@@ -120,7 +136,8 @@ def palette_tensor(names: list[str]) -> torch.Tensor:
     return torch.tensor([COLOURS[n] for n in names], dtype=torch.float32) / 255
 
 
-def make_dataset(count: int, seed: int, image_size: int = IMAGE_SIZE) -> tuple[torch.Tensor, list[str]]:
+def make_dataset(count: int, seed: int, image_size: int = IMAGE_SIZE,
+                 shapes: tuple[str, ...] = SHAPES) -> tuple[torch.Tensor, list[str]]:
     """`count` images (N, 3, S, S) in [-1, 1] and their captions, the same for the same seed."""
-    scenes = random_scenes(count, seed, image_size)
+    scenes = random_scenes(count, seed, image_size, shapes)
     return render(scenes, image_size), [s.caption for s in scenes]
