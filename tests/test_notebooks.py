@@ -3,8 +3,8 @@ is what `python notebooks/execute.py` wrote.
 
 Each notebook is executed as notebooks/execute.py executes it (a fresh `python3` kernel, working
 directory notebooks/), into a temporary copy: the committed files are never modified. A cell that
-raises fails the test with the cell and its traceback. On a 2-core CPU the three take about a
-minute or two together.
+raises fails the test with the cell and its traceback. On a 2-core CPU the six take about two
+minutes together.
 """
 
 import importlib.util
@@ -19,7 +19,8 @@ pytest.importorskip("matplotlib", reason="the notebooks extra: pip install -e '.
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = ROOT / "notebooks"
-NAMES = ["01_step_by_step", "02_samplers_and_guidance", "03_forward_and_reverse", "04_prompts", "05_inpainting"]
+NAMES = ["01_step_by_step", "02_samplers_and_guidance", "03_forward_and_reverse", "04_prompts", "05_inpainting",
+         "06_lora"]
 TINY_MODEL = ROOT / "weights" / "tiny_sd.safetensors"
 MAX_NOTEBOOK_BYTES = 2_000_000
 
