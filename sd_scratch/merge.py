@@ -77,7 +77,6 @@ CHUNK_ELEMENTS = 1 << 20  # elements of a tensor read, merged and written at a t
 KEYS_NAMED = 5  # names an error or a note lists before it says how many more there are
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch dtype -> safetensors' name
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Constants, not learned weights: copied from A, never averaged. position_ids is an arange that some files
 # store as floats (A1111 skips it too); the rest are the training noise schedule's buffers (A1111 merges only
 # keys containing "model", which leaves them out too).
@@ -152,7 +151,7 @@ class Checkpoint:
         try:
             with open(path, "rb") as f:
                 head = f.read(8)
-            if path.suffix in PICKLE_SUFFIXES or head[:2] == b"PK" or head[:1] == b"\x80":  # as TensorFile tells
+            if TensorFile.is_pickle(path, head):
                 self._open_pickle(path)
             else:
                 self._open_safetensors(path, head)

@@ -43,7 +43,7 @@ class TensorFile:
         self.metadata: dict[str, str] = {}
         with open(path, "rb") as f:
             head = f.read(8)
-        if path.suffix in (".ckpt", ".pt", ".pth", ".bin") or head[:2] == b"PK" or head[:1] == b"\x80":
+        if self.is_pickle(path, head):
             self._pickle = self._read_pickle(path)
             self.keys = list(self._pickle)
             return
@@ -54,6 +54,12 @@ class TensorFile:
         _MAPPINGS.add(self._map)
         self.metadata = self._entries.pop("__metadata__", None) or {}
         self.keys = list(self._entries)
+
+    @staticmethod
+    def is_pickle(path: Path, head: bytes) -> bool:
+        """Whether the file is a PyTorch pickle, by its suffix or its first bytes (a zip archive, or pickle's
+        protocol marker) rather than a .safetensors file."""
+        return path.suffix in (".ckpt", ".pt", ".pth", ".bin") or head[:2] == b"PK" or head[:1] == b"\x80"
 
     @staticmethod
     def read_header(path: Path, head: bytes) -> tuple[dict, int]:
