@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from sd_scratch import samplers
 from sd_scratch.checks import check_seeds, check_size, finite
-from sd_scratch.conditioning import schedule_conditioning
+from sd_scratch.conditioning import SizeConditioning, schedule_conditioning
 from sd_scratch.images import binarise, parameters_text, save_png, to_pil
 from sd_scratch.images import paste_back as paste_images_back
 from sd_scratch.loading import StableDiffusion, release_weights
@@ -119,8 +119,9 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
              schedule_type: str | None = None, eta: float | None = None, seed: int = 0, height: int | None = None,
              width: int | None = None, skip_last_layers: int | None = None, init_image: torch.Tensor | None = None,
              strength: float | None = None, mask: torch.Tensor | None = None, paste_back: bool = False,
-             embeddings: list[Embedding] = (), preview_every: int = 0, speed: SpeedAndMemory = SpeedAndMemory(),
-             progress: bool = True) -> Generation:
+             embeddings: list[Embedding] = (), sizes: SizeConditioning | None = None,
+             refiner: StableDiffusion | None = None, refiner_switch: float = 0.8, preview_every: int = 0,
+             speed: SpeedAndMemory = SpeedAndMemory(), progress: bool = True) -> Generation:
     """Images for `prompts` (one image per prompt; image i uses seed + i).
 
     Prompts are read in AUTOMATIC1111's syntax: (emphasis:1.2), [less], BREAK, any length, prompt editing
@@ -135,6 +136,9 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
     mask: inpainting, (B or 1, 1, H, W) in [0, 1], 1 = repaint, the init image kept elsewhere: `images.mask_from_pil`.
         An inpainting checkpoint (9 UNet input channels) sees it; an ordinary one has the kept region put back
         after every step. paste_back: put the original pixels back outside the mask (blended by the mask).
+    sizes: SDXL's size (and the refiner's aesthetic) conditioning; None: SizeConditioning.for_size(height, width).
+    refiner: an SDXL refiner that takes the latents over for the steps after `refiner_switch` of the way (0.8: the
+        last 20% of the noise levels), with its own conditioning (samplers.split_plan).
     preview_every: if > 0, also decode the predicted clean image every that many UNet calls.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -151,16 +155,20 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
     # At guidance 1 the unconditional half would cancel out: skip it, as diffusers does (unless the sampler
     # re-noises with it: CFG++).
     guided = guidance > 1 or samplers.needs_unconditional(sampler)
-    unet = prepare_unet(model, speed, inpainting)
+    experts = check_refiner(model, refiner, inpainting)  # the model, or SDXL's base then its refiner
+    unets = [prepare_unet(expert, speed, inpainting) for expert in experts]
 
     # 1. Text -> conditioning, for the prompt and for the negative prompt that guidance steers away from,
     #    [uncond, cond] in one batch so that one UNet call serves both halves; prompt editing gives one
-    #    conditioning for each stretch of steps where the prompts stay the same
-    conditionings = schedule_conditioning(model, prompts, negative_prompt, steps, guided=guided,
-                                          skip_last_layers=skip_last_layers, embeddings=embeddings).to(model.dtype)
-    release_weights(model.text_encoder)  # done with it: weights still in the file need no memory now
+    #    conditioning for each stretch of steps where the prompts stay the same. SDXL adds its size vector.
+    sizes = sizes or SizeConditioning.for_size(height, width)
+    schedules = [schedule_conditioning(expert, prompts, negative_prompt, steps, guided=guided, sizes=sizes,
+                                       skip_last_layers=skip_last_layers, embeddings=embeddings).to(expert.dtype)
+                 for expert in experts]
+    for _, encoder in (pair for expert in experts for pair in expert.text_encoders):
+        release_weights(encoder)  # done with it: weights still in the file need no memory now
 
-    # 2. The sampler's walk down the noise levels
+    # 2. The sampler's walk down the noise levels (with a refiner: cut in two, the base's part first)
     plan = samplers.make_plan(sampler, steps, spacing=spacing, karras=karras, schedule_type=schedule_type, eta=eta,
                               prediction_type=model.prediction_type, schedule=model.schedule)
 
@@ -181,37 +189,43 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
         release_weights(model.vae.encoder)  # done with the encoder, as with the text encoder above
     # Inpainting: an inpainting UNet sees the mask; an ordinary one has the kept region put back after each step
     sees_mask, puts_back = inpainting and inpainting_unet(model), inpainting and not inpainting_unet(model)
+    plans = [plan] if refiner is None else samplers.split_plan(plan, refiner_switch)
 
-    # 4. The denoising loop
-    state, previews = samplers.initial_state(plan), []
-    for i, t in enumerate(tqdm(plan.timesteps, disable=not progress, desc=sampler)):
-        conditioning = conditionings.at(samplers.step_of_call(plan, i))  # prompt editing: this step's prompt
-        model_input = samplers.scale_model_input(plan, i, latents)
-        if sees_mask:  # the inpainting UNet's input: the latents, the mask, the latents of the holed picture
-            model_input = torch.cat([model_input, repaint, hole_latents], dim=1)
-        if guided:
-            model_input = torch.cat([model_input] * 2)  # (2B, C, h, w): the uncond and cond halves
-            noise_uncond, noise_cond = unet(model_input, t, conditioning.context, conditioning.vector).chunk(2)
-            noise_pred = classifier_free_guidance(noise_uncond, noise_cond, guidance)
-        else:
-            noise_uncond, noise_pred = None, unet(model_input, t, conditioning.context, conditioning.vector)
-        if preview_every and (i + 1) % preview_every == 0:
-            x0 = samplers.predicted_x0(plan, i, latents, noise_pred)
-            previews.append(latents_to_images(model, x0, speed.tiled_decode))
-        latents, state = samplers.step(plan, i, latents, noise_pred, state, generators, noise_uncond)
-        if puts_back:  # what is kept, put back at the noise level of the next call (clean after the last)
-            kept = samplers.add_noise(plan, clean, noise, i + 1).to(latents.dtype)
-            latents = (1 - repaint) * kept + repaint * latents
+    # 4. The denoising loop; with SDXL's refiner twice: the base's steps, then the refiner's (its UNet, its
+    #    conditioning, the sampler's history started afresh)
+    previews = []
+    for expert, unet, conditionings, plan in zip(experts, unets, schedules, plans):
+        latents, state = latents.to(expert.device, expert.dtype), samplers.initial_state(plan)
+        for i, t in enumerate(tqdm(plan.timesteps, disable=not progress, desc=sampler)):
+            conditioning = conditionings.at(samplers.step_of_call(plan, i))  # prompt editing: this step's prompt
+            model_input = samplers.scale_model_input(plan, i, latents)
+            if sees_mask:  # the inpainting UNet's input: the latents, the mask, the latents of the holed picture
+                model_input = torch.cat([model_input, repaint, hole_latents], dim=1)
+            if guided:
+                model_input = torch.cat([model_input] * 2)  # (2B, C, h, w): the uncond and cond halves
+                noise_uncond, noise_cond = unet(model_input, t, conditioning.context, conditioning.vector).chunk(2)
+                noise_pred = classifier_free_guidance(noise_uncond, noise_cond, guidance)
+            else:
+                noise_uncond, noise_pred = None, unet(model_input, t, conditioning.context, conditioning.vector)
+            if preview_every and (i + 1) % preview_every == 0:
+                x0 = samplers.predicted_x0(plan, i, latents, noise_pred)
+                previews.append(latents_to_images(expert, x0, speed.tiled_decode))
+            latents, state = samplers.step(plan, i, latents, noise_pred, state, generators, noise_uncond)
+            if puts_back:  # what is kept, put back at the noise level of the next call (clean after the last)
+                kept = samplers.add_noise(plan, clean, noise, i + 1).to(latents.dtype)
+                latents = (1 - repaint) * kept + repaint * latents
+        release_weights(expert.unet)
 
-    # 5. Latents -> pixels -> PIL images
-    release_weights(model.unet)
-    images = latents_to_images(model, latents, speed.tiled_decode)
+    # 5. Latents -> pixels -> PIL images, by the VAE of the model that took the last step
+    images = latents_to_images(expert, latents, speed.tiled_decode)
     if paste_back:  # the original pixels outside the (soft) mask, as AUTOMATIC1111 does by default
         images = paste_images_back(init_image / 2 + 0.5, images, mask)
+    used = {name for schedule in schedules for name in schedule.embeddings_used}
     settings = dict(steps=steps, guidance=guidance, sampler=sampler, spacing=spacing, schedule_type=plan.schedule_type,
                     eta=eta, height=height, width=width, skip_last_layers=skip_last_layers,
                     strength=None if init_image is None else strength, paste_back=paste_back,
-                    embeddings=[e for e in embeddings if e.name in conditionings.embeddings_used])
+                    embeddings=[e for e in embeddings if e.name in used], sizes=sizes if model.is_sdxl else None,
+                    refiner=refiner, refiner_switch=refiner_switch)
     return Generation(images, to_pil(images), describe(model, prompts, negative_prompt, seed, **settings), previews)
 
 
@@ -222,7 +236,8 @@ SCHEDULE_LABELS = {"karras": "Karras", "exponential": "Exponential", "beta": "Be
 
 def describe(model: StableDiffusion, prompts: list[str], negative_prompt: str, seed: int, *, steps, guidance,
              sampler, spacing, schedule_type, eta, height, width, skip_last_layers, strength,
-             paste_back=False, embeddings=()) -> list[str]:
+             paste_back=False, embeddings=(), sizes: SizeConditioning | None = None,
+             refiner: StableDiffusion | None = None, refiner_switch: float = 0.8) -> list[str]:
     """Each image's `parameters` text: its prompt and what made it, in AUTOMATIC1111's names."""
     skip = model.skip_last_layers if skip_last_layers is None else skip_last_layers
     settings = {"Steps": steps, "Sampler": samplers.SAMPLERS[sampler].label}
@@ -241,12 +256,32 @@ def describe(model: StableDiffusion, prompts: list[str], negative_prompt: str, s
         settings["Eta"] = eta
     if spacing is not None:
         settings["Spacing"] = spacing  # not an A1111 field: diffusers' timestep_spacing
+    if refiner is not None:  # A1111's fields for its SDXL refiner
+        settings |= {"Refiner": Path(refiner.source).stem, "Refiner switch at": refiner_switch}
+    if sizes is not None:  # SDXL's size conditioning where it is not the default (A1111 writes none of these)
+        settings |= sdxl_size_fields(sizes, height, width, refiner is not None or model.tokenizer is None)
     if embeddings:  # which embedding files the prompts used, by name and short hash, as A1111 writes them
         settings["TI hashes"] = file_hashes(embeddings)
     if model.loras:  # the LoRAs merged into the weights, likewise (the prompt keeps their <lora:...> tags)
         settings["Lora hashes"] = file_hashes(lora for lora, _ in model.loras)
     return [parameters_text(prompt, negative_prompt, {**settings, "Seed": seed + i})
             for i, prompt in enumerate(prompts)]
+
+
+def sdxl_size_fields(sizes: SizeConditioning, height: int, width: int, aesthetic: bool) -> dict:
+    """The PNG fields of SDXL's size conditioning that differ from the defaults (SizeConditioning.for_size), sizes
+    written width x height as "Size" is; the aesthetic scores only where a refiner read them."""
+    default, fields = SizeConditioning.for_size(height, width), {}
+    if sizes.original_size != default.original_size:
+        fields["Original size"] = f"{sizes.original_size[1]}x{sizes.original_size[0]}"
+    if sizes.crop != default.crop:
+        fields["Crop"] = f"{sizes.crop[0]},{sizes.crop[1]}"  # top, left, as --crop takes it
+    if sizes.target_size != default.target_size:
+        fields["Target size"] = f"{sizes.target_size[1]}x{sizes.target_size[0]}"
+    scores = (sizes.aesthetic_score, sizes.negative_aesthetic_score)
+    if aesthetic and scores != (default.aesthetic_score, default.negative_aesthetic_score):
+        fields["Aesthetic score"] = f"{scores[0]:g},{scores[1]:g}"
+    return fields
 
 
 def file_hashes(files) -> str:
@@ -322,6 +357,23 @@ def unchanged(model: StableDiffusion, prompts, negative_prompt, seed, init_image
     settings = dict(steps=steps, guidance=guidance, sampler=sampler, spacing=None, schedule_type=None, eta=None,
                     height=height, width=width, skip_last_layers=None, strength=strength)
     return Generation(images, to_pil(images), describe(model, prompts, negative_prompt, seed, **settings))
+
+
+def check_refiner(model: StableDiffusion, refiner: StableDiffusion | None, inpainting: bool) -> list[StableDiffusion]:
+    """The models that take turns in the loop: [model], or [SDXL base, SDXL refiner]."""
+    if refiner is None:
+        return [model]
+    if not refiner.is_sdxl or refiner.tokenizer is not None:
+        raise ValueError(f"the refiner must be an SDXL refiner (its text encoder OpenCLIP bigG alone); "
+                         f"{refiner.source} is {refiner.kind}")
+    if not model.is_sdxl or model.tokenizer is None:
+        raise ValueError(f"a refiner follows an SDXL base model; {model.source} is {model.kind}")
+    if inpainting:
+        raise ValueError("inpainting with a refiner is not supported: inpaint with the base alone, then refine "
+                         "the result as an init image")
+    if refiner.schedule != model.schedule or refiner.prediction_type != model.prediction_type:
+        raise ValueError("the refiner was trained on another noise schedule than the base: they cannot share a plan")
+    return [model, refiner]
 
 
 def prepare_unet(model: StableDiffusion, speed: SpeedAndMemory, inpainting: bool = False):

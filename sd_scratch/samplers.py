@@ -66,6 +66,7 @@ class Plan:
     step_ratio: int  # T // num_steps: how far DDIM and PNDM step in training timesteps
     init_noise_sigma: float
     start_step: int = 0  # image-to-image: how many of the num_steps steps were skipped
+    steps_before: int = 0  # SDXL's refiner: the steps the base took before this plan's first (split_plan)
 
     def alpha_bar(self, t) -> torch.Tensor:
         """alpha_bar at training timestep t; below t = 0 the schedule ends at final_alpha_bar."""
@@ -203,6 +204,38 @@ def img2img_plan(plan: Plan, strength: float) -> Plan:
     )
 
 
+def split_plan(plan: Plan, switch: float) -> tuple[Plan, Plan]:
+    """The plan cut in two for SDXL's base and refiner ("an ensemble of expert denoisers", Podell et al. 2023):
+    the steps at training timesteps t >= T (1 - switch) for the base, the rest for the refiner, as diffusers'
+    `denoising_end` / `denoising_start` cut them (switch 0.8 of 1000 timesteps: the base takes t >= 200).
+
+    The base's part keeps the whole sigma list, so its last call lands on the refiner's first level. The
+    refiner's sampler starts afresh (an empty history), as diffusers' img2img pipeline starts its scheduler.
+    A sampler of several calls per step is cut between steps, never inside one.
+    """
+    if isinstance(switch, bool) or not isinstance(switch, (int, float)) or not 0 < switch < 1:
+        raise ValueError(f"the refiner's switch must be a fraction in (0, 1), got {switch!r}")
+    T = len(plan.alphas_cumprod)
+    cutoff = int(round(T - switch * T))
+    calls = range(len(plan.timesteps))
+    first_call_of_step = {}
+    for i in calls:
+        first_call_of_step.setdefault(step_of_call(plan, i), i)
+    base_steps = sum(1 for i in first_call_of_step.values() if plan.timesteps[i] >= cutoff)
+    base_calls = sum(1 for i in calls if step_of_call(plan, i) < base_steps)
+    if base_calls in (0, len(plan.timesteps)):
+        who = "base" if base_calls == 0 else "refiner"
+        raise ValueError(f"switching at {switch} of {plan.num_steps} steps leaves the {who} no step: "
+                         "give a switch further from the end, or more steps")
+    base = dataclasses.replace(plan, timesteps=plan.timesteps[:base_calls].clone())
+    refiner = dataclasses.replace(
+        plan, timesteps=plan.timesteps[base_calls:].clone(),
+        sigmas=None if plan.sigmas is None else plan.sigmas[base_calls:].clone(),
+        steps_before=plan.steps_before + base_steps,
+    )
+    return base, refiner
+
+
 def calls_per_step(plan: Plan) -> int:
     """UNet calls per step: 2 for Heun, 1 for the others (diffusers' scheduler.order)."""
     return SAMPLERS[plan.name].calls_per_step
@@ -242,10 +275,12 @@ def scale_model_input(plan: Plan, i: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def step_of_call(plan: Plan, i: int) -> int:
-    """Which step call i belongs to, counting the steps this plan runs from 0 (prompt editing switches by step)."""
+    """Which step call i belongs to, counting the steps this plan runs from 0 (prompt editing switches by step;
+    a refiner's plan goes on counting from the base's steps)."""
     _check_call(plan, i)
     sampler = SAMPLERS[plan.name]
-    return max(i - sampler.extra_first_calls, 0) // sampler.calls_per_step
+    calls_before = sampler.extra_first_calls if plan.steps_before == 0 else 0
+    return plan.steps_before + max(i - calls_before, 0) // sampler.calls_per_step
 
 
 def predicted_x0(plan: Plan, i: int, x: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,13 @@ matching; Stable Diffusion uses none of that.)
     SD 1.x   OpenAI CLIP ViT-L/14 text tower   width  768, 12 layers, 12 heads, quick_gelu
     SD 2.x   OpenCLIP ViT-H/14 text tower      width 1024, 24 layers, 16 heads, gelu,
              read at the penultimate layer (skip_last_layers=1), final layer norm still applied
+    SDXL     both ViT-L (as SD 1.x) and OpenCLIP ViT-bigG/14 (width 1280, 32 layers, 20 heads, gelu),
+             each read at the penultimate layer *without* the final layer norm, the two outputs
+             concatenated to 2048 channels; and bigG's pooled output (below). The refiner: bigG alone.
+
+The pooled output is CLIP's own summary of the prompt: the last layer's output at the end token, after
+the final layer norm, through `text_projection` (a bias-free linear map). SD 1.x/2.x never use it;
+SDXL's UNet gets it, through the conditioning vector (`conditioning.py`).
 
 The module tree mirrors the SD 1.x single-file checkpoint: `TextEncoder(config).state_dict()` has
 exactly the keys stored there under `cond_stage_model.transformer.`, e.g.
@@ -36,6 +43,7 @@ class TextEncoderConfig:
     mlp_width: int = 3072  # 4 * width
     activation: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP, SD 1.x) or "gelu" (OpenCLIP, SD 2.x)
     layer_norm_eps: float = 1e-5
+    projection_dim: int | None = None  # the width of the pooled output's projection (SDXL's bigG: 1280); None: none
     # Which layer SD reads (SD 2.x: the penultimate) is not a property of the network but of how
     # Stable Diffusion uses it, so it is not here: the caller passes `skip_last_layers` to forward.
 
@@ -43,6 +51,9 @@ class TextEncoderConfig:
 SD1_TEXT_ENCODER = TextEncoderConfig()
 # The original SD 2.x file holds all 24 layers; diffusers' SD 2.x folders drop the 24th, never read.
 SD2_TEXT_ENCODER = TextEncoderConfig(width=1024, layers=24, heads=16, mlp_width=4096, activation="gelu")
+SDXL_BIGG_TEXT_ENCODER = TextEncoderConfig(width=1280, layers=32, heads=20, mlp_width=5120, activation="gelu",
+                                           projection_dim=1280)
+END_TOKEN_ID = 49407  # <|endoftext|>, where the pooled output is read
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -111,17 +122,26 @@ class TextEncoder(nn.Module):
             encoder=nn.ModuleDict(dict(layers=nn.ModuleList(EncoderLayer(config) for _ in range(config.layers)))),
             final_layer_norm=nn.LayerNorm(config.width, eps=config.layer_norm_eps),
         ))
+        if config.projection_dim is not None:  # transformers' CLIPTextModelWithProjection names it so
+            self.text_projection = nn.Linear(config.width, config.projection_dim, bias=False)
 
     def forward(self, input_ids: torch.Tensor, skip_last_layers: int = 0,
-                token_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+                token_embeddings: torch.Tensor | None = None, final_layer_norm: bool = True) -> torch.Tensor:
         """(B, T) token ids -> (B, T, width) embeddings, after the final layer norm.
 
         skip_last_layers=k stops k layers before the end ("CLIP skip"): 1 reads the penultimate
         layer, as SD 2.x always does and diffusers' `clip_skip=1` does. The final layer norm is
-        applied to whichever layer is read, as both the original SD 2.x code and diffusers do.
+        applied to whichever layer is read, as both the original SD 2.x code and diffusers do;
+        final_layer_norm=False leaves it out, as SDXL does.
         token_embeddings: (B, T, width) to use instead of looking the ids up, e.g. with a textual-inversion
         embedding's learned vectors put at its positions (conditioning.py).
         """
+        return self.encode(input_ids, skip_last_layers, token_embeddings, final_layer_norm, pooled=False)[0]
+
+    def encode(self, input_ids: torch.Tensor, skip_last_layers: int = 0, token_embeddings: torch.Tensor | None = None,
+               final_layer_norm: bool = True, pooled: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """forward's embeddings, and with `pooled` the pooled output (B, projection_dim): the *last* layer's output
+        at each row's first end token, final-normed and projected, whichever layer the embeddings are read at."""
         model = self.text_model
         if token_embeddings is None:
             token_embeddings = model.embeddings.token_embedding(input_ids)
@@ -132,6 +152,16 @@ class TextEncoder(nn.Module):
         layers = model.encoder.layers
         if not 0 <= skip_last_layers < len(layers):
             raise ValueError(f"skip_last_layers must be in 0..{len(layers) - 1}, got {skip_last_layers}")
-        for layer in layers[: len(layers) - skip_last_layers]:
+        if pooled and self.config.projection_dim is None:
+            raise ValueError("this text encoder has no text_projection: it gives no pooled output")
+        read_at = len(layers) - skip_last_layers
+        for layer in layers[:read_at]:
             x = layer(x)
-        return model.final_layer_norm(x)
+        embeddings = model.final_layer_norm(x) if final_layer_norm else x
+        if not pooled:
+            return embeddings, None
+        for layer in layers[read_at:]:  # the layers CLIP skip left out: the pooled output reads the last
+            x = layer(x)
+        end_positions = (input_ids == END_TOKEN_ID).int().argmax(dim=1)  # the first end token of each row
+        end = model.final_layer_norm(x[torch.arange(len(x), device=x.device), end_positions])
+        return embeddings, self.text_projection(end)

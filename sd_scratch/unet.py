@@ -43,15 +43,30 @@ class UNetConfig:
     attention_levels: tuple[int, ...] = (0, 1, 2)  # levels that carry a spatial transformer
     num_heads: int | None = 8  # SD 1.x: 8 heads at every level ...
     head_dim: int | None = None  # ... SD 2.x: heads of 64 channels, so their number grows with width
-    context_dim: int = 768  # width of the text embeddings (768 for CLIP ViT-L, 1024 for OpenCLIP ViT-H)
-    transformer_depth: int = 1
+    context_dim: int = 768  # width of the text embeddings (768 for CLIP ViT-L, 1024 for OpenCLIP ViT-H, SDXL 2048)
+    # Transformer blocks per spatial transformer: one number for every level (SD 1.x/2.x: 1), or one per
+    # level (SDXL base: 0, 2, 10, where 0 stands at a level without attention), and in the middle block
+    # (None: as at the last level).
+    transformer_depth: int | tuple[int, ...] = 1
+    transformer_depth_middle: int | None = None
     use_linear_projection: bool = False  # SD 2.x projects in and out of the transformer with Linear, SD 1.x with 1x1 conv
     norm_groups: int = 32
+    # SDXL: the width of the conditioning vector (pooled text + size features) that `label_emb` maps onto
+    # the timestep embedding (sgm's name; 2816 for the base, 2560 for the refiner). None: no label_emb.
+    adm_in_channels: int | None = None
 
     def heads_and_dim(self, channels: int) -> tuple[int, int]:
         if self.head_dim is not None:
             return channels // self.head_dim, self.head_dim
         return self.num_heads, channels // self.num_heads
+
+    def depth(self, level: int | None) -> int:
+        """Transformer blocks at `level` (None: the middle block)."""
+        if level is None and self.transformer_depth_middle is not None:
+            return self.transformer_depth_middle
+        if isinstance(self.transformer_depth, int):
+            return self.transformer_depth
+        return self.transformer_depth[-1 if level is None else level]
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -250,9 +265,14 @@ class UNet(nn.Module):
         def res(ch_in, ch_out):
             return ResBlock(ch_in, ch_out, time_embed_dim, c.norm_groups)
 
-        def transformer(ch):
+        if c.adm_in_channels is not None:  # SDXL: the conditioning vector, mapped as the timestep is
+            self.label_emb = nn.Sequential(nn.Sequential(
+                nn.Linear(c.adm_in_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+            ))
+
+        def transformer(ch, level):
             heads, head_dim = c.heads_and_dim(ch)
-            return SpatialTransformer(ch, heads, head_dim, c.transformer_depth, c.context_dim,
+            return SpatialTransformer(ch, heads, head_dim, c.depth(level), c.context_dim,
                                       c.use_linear_projection, c.norm_groups)
 
         # The way down: remember the width of every block's output, each becomes a skip connection.
@@ -265,14 +285,14 @@ class UNet(nn.Module):
                 layers = [res(ch, c.model_channels * mult)]
                 ch = c.model_channels * mult
                 if level in c.attention_levels:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 self.input_blocks.append(Block(layers))
                 skip_channels.append(ch)
             if level != last_level:
                 self.input_blocks.append(Block([Downsample(ch)]))
                 skip_channels.append(ch)
 
-        self.middle_block = Block([res(ch, ch), transformer(ch), res(ch, ch)])
+        self.middle_block = Block([res(ch, ch), transformer(ch, None), res(ch, ch)])
 
         # The way up: each block concatenates one skip connection, last in first out.
         self.output_blocks = nn.ModuleList()
@@ -281,7 +301,7 @@ class UNet(nn.Module):
                 layers = [res(ch + skip_channels.pop(), c.model_channels * mult)]
                 ch = c.model_channels * mult
                 if level in c.attention_levels:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 if level != 0 and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(Block(layers))
@@ -294,13 +314,17 @@ class UNet(nn.Module):
                 vector: torch.Tensor | None = None) -> torch.Tensor:
         """latents (B, 4, H/8, W/8), timestep scalar or (B,), context (B, 77k, context_dim) -> noise (B, 4, H/8, W/8).
 
-        vector: the conditioning that a UNet with a `label_emb` adds to its timestep embedding (SDXL's
-        pooled text and image sizes); SD 1.x and 2.x have none, and condition on the context alone.
+        vector: (B, adm_in_channels), the conditioning that a UNet with a `label_emb` adds to its timestep
+        embedding (SDXL's pooled text and image sizes); SD 1.x and 2.x have none, and condition on the context alone.
         """
-        if vector is not None:
-            raise ValueError("this UNet has no label_emb to take a conditioning vector: it is conditioned on text")
+        has_label_emb = self.config.adm_in_channels is not None
+        if (vector is not None) != has_label_emb:
+            raise ValueError("this UNet has no label_emb to take a conditioning vector: it is conditioned on text"
+                             if vector is not None else "this UNet (SDXL) needs its conditioning vector beside the text")
         timesteps = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(latents.shape[0])
         time_emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(latents.dtype))
+        if has_label_emb:  # SDXL: "what picture this is" (pooled text, sizes) joins "how noisy it is"
+            time_emb = time_emb + self.label_emb(vector.to(latents.dtype))
         context = context.to(latents.dtype)
 
         x = latents

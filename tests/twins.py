@@ -29,7 +29,11 @@ from sd_scratch.vae import VAEConfig
 def diffusers_unet_config(c: UNetConfig, sample_size: int = 64) -> dict:
     levels = range(len(c.channel_mult))
     heads = [c.heads_and_dim(c.model_channels * m)[0] for m in c.channel_mult]
-    return dict(
+    assert c.depth(None) == c.depth(len(c.channel_mult) - 1), "diffusers' middle block has the last level's depth"
+    sdxl = {} if c.adm_in_channels is None else dict(
+        addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=c.adm_in_channels)
+    return sdxl | dict(
         sample_size=sample_size,
         in_channels=c.in_channels,
         out_channels=c.out_channels,
@@ -42,7 +46,8 @@ def diffusers_unet_config(c: UNetConfig, sample_size: int = 64) -> dict:
         attention_head_dim=heads[0] if len(set(heads)) == 1 else heads,
         use_linear_projection=c.use_linear_projection,
         norm_num_groups=c.norm_groups,
-        transformer_layers_per_block=c.transformer_depth,
+        transformer_layers_per_block=c.transformer_depth if isinstance(c.transformer_depth, int) else
+        [max(c.depth(level), 1) for level in levels],  # (1 where a level has no attention, as diffusers' SDXL config)
     )
 
 

@@ -30,7 +30,11 @@ def infer_unet_config(state: dict[str, torch.Tensor]) -> UNetConfig:
     conv_in = state["input_blocks.0.0.weight"]
     model_channels = conv_in.shape[0]
     n_input_blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("input_blocks."))
-    channel_mult, attention_levels, res_per_level = [], [], 0
+
+    def depth(block):  # transformer blocks in the spatial transformer of `block` (e.g. "input_blocks.4.1")
+        return len({k[len(block):].split(".")[2] for k in state if k.startswith(f"{block}.transformer_blocks.")})
+
+    channel_mult, attention_levels, depths, res_per_level = [], [], [], 0
     level_blocks = 0
     for i in range(1, n_input_blocks):
         if f"input_blocks.{i}.0.op.weight" in state:  # a downsample closes the level
@@ -38,15 +42,27 @@ def infer_unet_config(state: dict[str, torch.Tensor]) -> UNetConfig:
             continue
         if level_blocks == 0:
             channel_mult.append(state[f"input_blocks.{i}.0.out_layers.3.weight"].shape[0] // model_channels)
-            if f"input_blocks.{i}.1.proj_in.weight" in state:
+            has_attention = f"input_blocks.{i}.1.proj_in.weight" in state
+            if has_attention:
                 attention_levels.append(len(channel_mult) - 1)
+            depths.append(depth(f"input_blocks.{i}.1") if has_attention else 0)
         level_blocks += 1
     res_per_level = res_per_level or level_blocks
     context_dim = state["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
-    depth = len({k.split(".")[3] for k in state if k.startswith("middle_block.1.transformer_blocks.")})
+    middle_depth = depth("middle_block.1")
+    label_emb = state.get("label_emb.0.0.weight")  # SDXL's conditioning vector
+    # One depth everywhere (SD 1.x/2.x: 1) is written as one number; else one per level (0 where no attention)
+    # and the middle block's.
+    if len({depths[level] for level in attention_levels} | {middle_depth}) == 1:
+        transformer_depth, transformer_depth_middle = middle_depth, None
+    else:
+        transformer_depth, transformer_depth_middle = tuple(depths), middle_depth
     # The number of heads is not visible in the weights. SD 1.x uses 8 heads everywhere; SD 2.x
-    # (1024-wide OpenCLIP context) uses heads of 64 channels.
-    heads = dict(num_heads=None, head_dim=64) if context_dim == 1024 else dict(num_heads=8, head_dim=None)
+    # (1024-wide OpenCLIP context) and SDXL (a label_emb) use heads of 64 channels.
+    if context_dim == 1024 or label_emb is not None:
+        heads = dict(num_heads=None, head_dim=64)
+    else:
+        heads = dict(num_heads=8, head_dim=None)
     return UNetConfig(
         in_channels=conv_in.shape[1],
         out_channels=state["out.2.weight"].shape[0],
@@ -55,8 +71,10 @@ def infer_unet_config(state: dict[str, torch.Tensor]) -> UNetConfig:
         num_res_blocks=res_per_level,
         attention_levels=tuple(attention_levels),
         context_dim=context_dim,
-        transformer_depth=depth,
+        transformer_depth=transformer_depth,
+        transformer_depth_middle=transformer_depth_middle,
         use_linear_projection=state["middle_block.1.proj_in.weight"].ndim == 2,
+        adm_in_channels=None if label_emb is None else label_emb.shape[1],
         **heads,
     )
 
@@ -89,7 +107,8 @@ def infer_text_encoder_config(state: dict[str, torch.Tensor], activation: str) -
     """The text encoder's config from its tensors (our key names, `text_model.*`).
 
     What no shape tells: the activation, which the layout tells (OpenAI CLIP: "quick_gelu", OpenCLIP:
-    "gelu"), and the heads, which are 64 channels wide in both.
+    "gelu"), and the heads, which are 64 channels wide in all of them. A `text_projection` (SDXL's bigG) gives
+    the pooled output's width.
     """
     vocab_size, width = state["text_model.embeddings.token_embedding.weight"].shape
     layers = {key.split(".")[3] for key in state if key.startswith("text_model.encoder.layers.")}
@@ -101,12 +120,13 @@ def infer_text_encoder_config(state: dict[str, torch.Tensor], activation: str) -
         heads=width // 64,  # both CLIP ViT-L and OpenCLIP ViT-H use heads of 64 channels
         mlp_width=state["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
         activation=activation,
+        projection_dim=state["text_projection.weight"].shape[0] if "text_projection.weight" in state else None,
     )
 
 
-def misfits(unet: UNetConfig, vae: VAEConfig, text_encoder: TextEncoderConfig) -> list[str]:
+def misfits(unet: UNetConfig, vae: VAEConfig, *text_encoders: TextEncoderConfig) -> list[str]:
     """What in configs read off the shapes cannot hold, given what the shapes do not tell and SD assumes
-    (32 group-norm groups, SD 1.x's 8 attention heads or SD 2.x's heads of 64 channels)."""
+    (32 group-norm groups, SD 1.x's 8 attention heads or SD 2.x's and SDXL's heads of 64 channels)."""
     found = []
     unet_widths = sorted({unet.model_channels * m for m in unet.channel_mult})
     if any(width % unet.norm_groups for width in unet_widths):
@@ -118,6 +138,8 @@ def misfits(unet: UNetConfig, vae: VAEConfig, text_encoder: TextEncoderConfig) -
     vae_widths = sorted({vae.base_channels * m for m in vae.channel_mult})
     if any(width % vae.norm_groups for width in vae_widths):
         found.append(f"the VAE's widths {vae_widths} do not split into SD's {vae.norm_groups} group-norm groups")
-    if text_encoder.width % 64:
-        found.append(f"the text encoder's width {text_encoder.width} does not split into CLIP's heads of 64 channels")
+    for text_encoder in text_encoders:
+        if text_encoder.width % 64:
+            found.append(f"the text encoder's width {text_encoder.width} does not split into CLIP's heads of 64 "
+                         "channels")
     return found

@@ -18,33 +18,45 @@ from pathlib import Path
 
 import torch
 
+from sd_scratch.conditioning import FOURIER_FEATURES
 from sd_scratch.loading.configs import infer_text_encoder_config, infer_unet_config, infer_vae_config, meta_tensors
 from sd_scratch.loading.model import CheckpointError, StableDiffusion
+from sd_scratch.loading.single_file import SDXL_GUIDANCE
 from sd_scratch.loading.strict import build_empty, fill_strictly
 from sd_scratch.loading.tensor_file import TensorFile
 from sd_scratch.schedule import SD15_SCHEDULE, SPACINGS, ScheduleConfig
 from sd_scratch.text_encoder import TextEncoder
-from sd_scratch.tokenizer import WEIGHTS_DIR, Tokenizer
+from sd_scratch.tokenizer import PAD_EOS, PAD_ZERO, WEIGHTS_DIR, Tokenizer
 from sd_scratch.unet import UNet
 from sd_scratch.vae import VAE
 
 
 def load_diffusers_folder(folder: Path, device, dtype, prediction_type: str | None) -> StableDiffusion:
     """The networks of a diffusers folder, renamed to the original keys and filled strictly, with the
-    tokenizer and the noise schedule the folder holds."""
-    for part in ("unet", "vae", "text_encoder"):
+    tokenizers and the noise schedule the folder holds. SDXL's folders have `text_encoder_2/` and
+    `tokenizer_2/` (the refiner's those alone)."""
+    text_slots = [slot for slot in ("text_encoder", "text_encoder_2") if (folder / slot).is_dir()]
+    for part in ("unet", "vae"):
         if not (folder / part).is_dir():
             raise CheckpointError(f"{folder} is a folder but has no {part}/: give a diffusers model folder "
                                   "(unet/, vae/, text_encoder/, tokenizer/) or a single checkpoint file")
+    if not text_slots:
+        raise CheckpointError(f"{folder} is a folder but has no text_encoder/: give a diffusers model folder "
+                              "(unet/, vae/, text_encoder/, tokenizer/) or a single checkpoint file")
     source = str(folder)
     fp16_first = dtype == torch.float16  # a folder holding both variants: the half-size read, when fp16 is asked
     unet_file = TensorFile(_weights_file(folder / "unet", "diffusion_pytorch_model", fp16_first))
     vae_file = TensorFile(_weights_file(folder / "vae", "diffusion_pytorch_model", fp16_first))
-    text_file = TensorFile(_weights_file(folder / "text_encoder", "model", fp16_first))
+    text_files = {slot: TensorFile(_weights_file(folder / slot, "model", fp16_first)) for slot in text_slots}
     unet_json = _read_json(folder / "unet" / "config.json")
     vae_json = _read_json(folder / "vae" / "config.json")
-    text_json = _read_json(folder / "text_encoder" / "config.json")
     schedule, folder_prediction_type = read_scheduler_config(folder / "scheduler" / "scheduler_config.json")
+    if unet_json.get("addition_embed_type") not in (None, "text_time") or unet_json.get(
+            "addition_time_embed_dim") not in (None, FOURIER_FEATURES):
+        raise CheckpointError(f"{folder}/unet/config.json names addition_embed_type "
+                              f"{unet_json.get('addition_embed_type')!r} with addition_time_embed_dim "
+                              f"{unet_json.get('addition_time_embed_dim')}: sd_scratch knows SDXL's 'text_time' of "
+                              f"{FOURIER_FEATURES}")
 
     k = unet_file.keys
     levels = _count(k, r"down_blocks\.(\d+)\.")
@@ -54,8 +66,10 @@ def load_diffusers_folder(folder: Path, device, dtype, prediction_type: str | No
     ), {"resnets": UNET_RESNET_NAMES})
     vae_names = diffusers_vae_names(vae_file.keys)
     # transformers 4 saves CLIP under "text_model.", transformers 5 without it; ours keeps the original's level.
-    text_names = {("" if key.startswith("text_model.") else "text_model.") + key: key for key in text_file.keys
-                  if not key.endswith("position_ids")}
+    # (SDXL's second encoder also has a `text_projection` beside it, named as ours.)
+    text_names = {slot: {("" if key.startswith(("text_model.", "text_projection.")) else "text_model.") + key: key
+                         for key in file.keys if not key.endswith("position_ids")}
+                  for slot, file in text_files.items()}
 
     def shapes(file, names):
         return meta_tensors({ours: file.shape(theirs) for ours, theirs in names.items()})
@@ -65,7 +79,7 @@ def load_diffusers_folder(folder: Path, device, dtype, prediction_type: str | No
 
     unet_config = infer_unet_config(shapes(unet_file, unet_names))
     heads = unet_json.get("num_attention_heads") or unet_json.get("attention_head_dim")
-    if isinstance(heads, list) and len(set(heads)) > 1:  # SD 2.x: a fixed head width, so more heads per level
+    if isinstance(heads, list) and len(set(heads)) > 1:  # SD 2.x, SDXL: a fixed head width, so more heads per level
         unet_config = dataclasses.replace(unet_config, num_heads=None, head_dim=unet_config.model_channels // heads[0])
     elif heads:
         heads = heads[0] if isinstance(heads, list) else heads
@@ -73,23 +87,38 @@ def load_diffusers_folder(folder: Path, device, dtype, prediction_type: str | No
     vae_config = infer_vae_config(shapes(vae_file, vae_names))
     if vae_json.get("scaling_factor"):
         vae_config = dataclasses.replace(vae_config, scaling_factor=vae_json["scaling_factor"])
-    text_config = infer_text_encoder_config(shapes(text_file, text_names), text_json.get("hidden_act", "quick_gelu"))
+    text_configs = {slot: infer_text_encoder_config(
+        shapes(file, text_names[slot]), _read_json(folder / slot / "config.json").get("hidden_act", "quick_gelu"))
+        for slot, file in text_files.items()}
 
-    kind = "SD 2.x" if unet_config.context_dim == 1024 else "SD 1.x"
+    sdxl = unet_config.adm_in_channels is not None
+    kind = ("SDXL" if "text_encoder" in text_slots else "SDXL refiner") if sdxl else \
+        "SD 2.x" if unet_config.context_dim == 1024 else "SD 1.x"
     if unet_config.in_channels == 9:
         kind += " inpainting"
     unet = fill_strictly(build_empty(UNet, unet_config), "UNet", loaders(unet_file, unet_names), device, dtype,
                          source, kind)
     vae = fill_strictly(build_empty(VAE, vae_config), "VAE", loaders(vae_file, vae_names), device, dtype, source, kind)
-    text_encoder = fill_strictly(build_empty(TextEncoder, text_config), "text encoder",
-                                 loaders(text_file, text_names), device, dtype, source, kind)
+    text_encoders = {slot: fill_strictly(build_empty(TextEncoder, text_configs[slot]), slot.replace("_", " "),
+                                         loaders(file, text_names[slot]), device, dtype, source, kind)
+                     for slot, file in text_files.items()}
 
-    has_tokenizer = any((folder / "tokenizer" / name).exists() for name in ("vocab.json", "tokenizer.json"))
-    tokenizer = Tokenizer(folder / "tokenizer" if has_tokenizer else WEIGHTS_DIR)
-    tokenizer.pad_token_id = tokenizer.bpe.pad_token_id  # "<|endoftext|>" for SD 1.x, "!" (id 0) for SD 2.x
+    def tokenizer(name):  # the folder's own, else ours; its pad is the folder's own
+        has_files = any((folder / name / file).exists() for file in ("vocab.json", "tokenizer.json"))
+        found = Tokenizer(folder / name if has_files else WEIGHTS_DIR)
+        found.pad_token_id = found.bpe.pad_token_id if has_files else PAD_ZERO if name == "tokenizer_2" else PAD_EOS
+        return found  # "<|endoftext|>" for SD 1.x and SDXL's first, "!" (id 0) for SD 2.x and SDXL's second
+
     image_size = unet_json.get("sample_size", 64) * vae_config.downsampling_factor
-    return StableDiffusion(tokenizer, text_encoder, unet, vae, kind, prediction_type or folder_prediction_type, 0,
-                           image_size, source, schedule)
+    # SDXL's folders keep every layer and read the penultimate (diffusers' hidden_states[-2]); SD 2.x folders
+    # drop the last layer of OpenCLIP instead, so reading their last is reading the original's penultimate.
+    skip_last_layers = 1 if sdxl else 0
+    return StableDiffusion(tokenizer("tokenizer") if "text_encoder" in text_slots else None,
+                           text_encoders.get("text_encoder"), unet, vae, kind,
+                           prediction_type or folder_prediction_type, skip_last_layers, image_size, source, schedule,
+                           defaults={"guidance": SDXL_GUIDANCE} if sdxl else {},
+                           text_encoder_2=text_encoders.get("text_encoder_2"),
+                           tokenizer_2=tokenizer("tokenizer_2") if "text_encoder_2" in text_slots else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,6 +188,7 @@ def diffusers_unet_prefixes(levels: int, per_level: int, attention_levels: set[i
     diffusers' up_blocks[i] is the original's level (levels - 1 - i), walked in the same order.
     """
     table = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
+             "add_embedding.linear_1.": "label_emb.0.0.", "add_embedding.linear_2.": "label_emb.0.2.",  # SDXL
              "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
              "mid_block.resnets.0.": "middle_block.0.", "mid_block.attentions.0.": "middle_block.1.",
              "mid_block.resnets.1.": "middle_block.2."}

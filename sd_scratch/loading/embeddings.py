@@ -66,6 +66,12 @@ class Embedding:
     short_hash: str  # the first 12 hex digits of the sha256 of the file's bytes, as A1111 writes in "TI hashes"
     path: Path
 
+    def vectors_for(self, width: int) -> torch.Tensor:
+        """The vectors for a text encoder whose token embeddings are `width` wide."""
+        if self.vectors.shape[1] != width:
+            raise EmbeddingError(_width_mismatch(self.path, self.vectors.shape[1], width))
+        return self.vectors
+
 
 def load_embedding(path: str | Path, width: int | None = None) -> Embedding:
     """Read one textual-inversion embedding file (A1111 .safetensors or .pt, diffusers' learned_embeds.*).

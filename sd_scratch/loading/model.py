@@ -21,11 +21,11 @@ class CheckpointError(ValueError):
 class StableDiffusion:
     """Everything a checkpoint provides for sampling."""
 
-    tokenizer: Tokenizer
-    text_encoder: TextEncoder
+    tokenizer: Tokenizer | None  # None only for the SDXL refiner, which has text_encoder_2 alone (as in diffusers)
+    text_encoder: TextEncoder | None  # SD 1.x: CLIP ViT-L; SD 2.x: OpenCLIP ViT-H; SDXL: CLIP ViT-L
     unet: UNet
     vae: VAE
-    kind: str  # "SD 1.x", "SD 1.x inpainting", "SD 2.x", ...
+    kind: str  # "SD 1.x", "SD 1.x inpainting", "SD 2.x", "SDXL", "SDXL refiner", ...
     prediction_type: str  # "epsilon" or "v_prediction"
     skip_last_layers: int  # text encoder layers to skip by default (SD 2.x: 1, the penultimate layer)
     image_size: int  # the side the model was trained at: the default height and width
@@ -39,6 +39,21 @@ class StableDiffusion:
     vae_file: tuple[str, str] | None = None
     # The LoRAs merged into the weights now, as (Lora, multiplier) pairs: lora.apply_loras sets them.
     loras: list = field(default_factory=list)
+    # SDXL's second text encoder, OpenCLIP ViT-bigG (with its pooled output), and its tokenizer (padding with 0).
+    text_encoder_2: TextEncoder | None = None
+    tokenizer_2: Tokenizer | None = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        """SDXL base or refiner: a UNet with a label_emb, conditioned on a vector beside the text."""
+        return self.unet.config.adm_in_channels is not None
+
+    @property
+    def text_encoders(self) -> list[tuple[Tokenizer, TextEncoder]]:
+        """(tokenizer, text encoder) pairs in the order their outputs are concatenated: one for SD 1.x/2.x and the
+        SDXL refiner, two for the SDXL base."""
+        pairs = [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
+        return [(tokenizer, encoder) for tokenizer, encoder in pairs if encoder is not None]
 
     @property
     def device(self) -> torch.device:

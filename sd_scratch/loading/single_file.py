@@ -2,13 +2,16 @@
 
 One flat dict of tensors, each network under its prefix:
 
-    model.diffusion_model.*                     the UNet
-    first_stage_model.*                         the VAE
-    cond_stage_model.transformer.text_model.*   the CLIP text encoder (SD 1.x)
-    cond_stage_model.model.*                    the OpenCLIP text encoder (SD 2.x)
+    model.diffusion_model.*                             the UNet
+    first_stage_model.*                                 the VAE
+    cond_stage_model.transformer.text_model.*           the CLIP text encoder (SD 1.x)
+    cond_stage_model.model.*                            the OpenCLIP text encoder (SD 2.x)
+    conditioner.embedders.0.transformer.text_model.*    SDXL base: CLIP ViT-L ...
+    conditioner.embedders.1.model.*                     ... and OpenCLIP ViT-bigG
+    conditioner.embedders.0.model.*                     SDXL refiner: OpenCLIP ViT-bigG alone
 
 Our modules are built so that their state_dict keys *are* these keys without the prefix, so a single
-file loads with no renaming, except SD 2.x's OpenCLIP tower (fused q/k/v, other layer names), which
+file loads with no renaming, except the OpenCLIP towers (fused q/k/v, other layer names), which
 `openclip_to_clip_keys` maps onto the CLIP layout. The configs are read off the tensors' shapes
 (`configs.py`), or taken from the file's safetensors metadata when sd_scratch wrote it
 (`save_checkpoint`, which the tiny model's training uses).
@@ -38,6 +41,19 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."
+# Where each kind of file keeps its text encoders: (our slot, prefix, layout). SDXL's slots follow diffusers':
+# the refiner has no `text_encoder`, only `text_encoder_2`, the bigG tower that the base has second.
+TEXT_ENCODERS = {
+    "SD 1.x": [("text_encoder", CLIP_PREFIX, "clip")],
+    "SD 2.x": [("text_encoder", OPENCLIP_PREFIX, "openclip")],
+    "SDXL": [("text_encoder", SDXL_CLIP_PREFIX, "clip"), ("text_encoder_2", SDXL_OPENCLIP_PREFIX, "openclip")],
+    "SDXL refiner": [("text_encoder_2", REFINER_OPENCLIP_PREFIX, "openclip")],
+}
+SDXL_SCALING_FACTOR = 0.13025  # SDXL's VAE has SD's layout, and its latents another scale (no tensor says so)
+SDXL_GUIDANCE = 5.0  # the guidance scale SDXL is usually run at (diffusers' and ComfyUI's examples use 5 to 7)
 METADATA_KEY = "sd_scratch"  # safetensors metadata entry holding our configs as JSON
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "tiny_sd.safetensors"  # the tiny model this project ships
 
@@ -48,47 +64,61 @@ IGNORED_KEYS = re.compile(
     r"log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod|posterior_variance|"
     r"posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2|logvar)$|"  # training schedule buffers
     # position_ids is a constant arange that some files store as float or with wrong values: we never read it
-    r"cond_stage_model\.transformer\.text_model\.embeddings\.position_ids$|"
-    r"cond_stage_model\.model\.(logit_scale|text_projection)$)"  # CLIP's contrastive head, unused by SD
+    r"(cond_stage_model|conditioner\.embedders\.0)\.transformer\.text_model\.embeddings\.position_ids$|"
+    r"(cond_stage_model|conditioner\.embedders\.[01])\.model\.logit_scale$|"  # CLIP's contrastive temperature
+    r"cond_stage_model\.model\.text_projection$|"  # SD 2.x: CLIP's contrastive head, unused (SDXL uses bigG's)
+    r"denoiser\.(sigmas|log_sigmas)$)"  # sgm's (SDXL's) sampling buffer: the noise levels, computed by schedule.py
 )
 
 
 def load_single_file(path: Path, device, dtype, prediction_type: str | None) -> StableDiffusion:
     """The networks of an original single file, each filled strictly. The configs come from the file's
-    metadata when sd_scratch wrote it, else from the shapes; SD 1.x or 2.x is told by the text encoder."""
+    metadata when sd_scratch wrote it, else from the shapes; the family (SD 1.x, 2.x, SDXL, SDXL refiner)
+    is told by where the text encoders are."""
     file = TensorFile(path)
     keys = file.keys
     kind = identify(keys, path)
-    is_openclip = kind == "SD 2.x"
-    leftover = sorted(k for k in keys if not k.startswith((UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX, OPENCLIP_PREFIX))
-                      and not IGNORED_KEYS.match(k))
+    encoders = TEXT_ENCODERS[kind]
+    prefixes = (UNET_PREFIX, VAE_PREFIX, *(prefix for _, prefix, _ in encoders))
+    leftover = sorted(k for k in keys if not k.startswith(prefixes) and not IGNORED_KEYS.match(k))
     if leftover:
         raise CheckpointError(
-            f"{path}: {len(leftover)} tensors belong to no part of Stable Diffusion ({list_keys(leftover)}); "
+            f"{path}: {len(leftover)} tensors belong to no part of {kind} ({list_keys(leftover)}); "
             "merge LoRAs or other add-ons into the checkpoint first"
         )
 
+    def text_tensors(prefix, layout):  # OpenCLIP's: our name -> the tensor, renamed, q, k and v cut as views
+        if layout == "clip":
+            return None  # the names are ours: loaders() below reads them
+        return openclip_to_clip_keys({key[len(prefix):]: file.get(key) for key in keys
+                                      if key.startswith(prefix) and not IGNORED_KEYS.match(key)},
+                                     keep_projection=kind.startswith("SDXL"))
+
+    texts = {slot: (prefix, layout, text_tensors(prefix, layout)) for slot, prefix, layout in encoders}
     # Our configs: from the file's metadata, or, for the shipped tiny model's tensors saved without it,
     # from the shipped file's (its group norms and heads are in no tensor's shape, and are not SD's).
     stored = json.loads(file.metadata[METADATA_KEY]) if METADATA_KEY in file.metadata else shipped_configs_for(file)
     if stored:
         unet_config = UNetConfig(**_tuples(stored["unet"]))
         vae_config = VAEConfig(**_tuples(stored["vae"]))
-        text_config = TextEncoderConfig(**_tuples(stored["text_encoder"]))
+        text_configs = {slot: TextEncoderConfig(**_tuples(stored[slot])) for slot in texts}
     else:
         shapes = meta_tensors({k: file.shape(k) for k in keys})
         unet_config = infer_unet_config(_strip(shapes, UNET_PREFIX))
         vae_config = infer_vae_config(_strip(shapes, VAE_PREFIX))
-        if is_openclip:
-            text_config = infer_text_encoder_config(openclip_to_clip_keys(_strip(shapes, OPENCLIP_PREFIX)), "gelu")
-        else:
-            text_config = infer_text_encoder_config(_strip(shapes, CLIP_PREFIX), "quick_gelu")
-        if problems := misfits(unet_config, vae_config, text_config):
+        if kind.startswith("SDXL"):
+            vae_config = dataclasses.replace(vae_config, scaling_factor=SDXL_SCALING_FACTOR)
+        text_configs = {}
+        for slot, (prefix, layout, tensors) in texts.items():
+            found = _strip(shapes, prefix) if layout == "clip" else {k: t.to("meta") for k, t in tensors.items()}
+            text_configs[slot] = infer_text_encoder_config(found, "quick_gelu" if layout == "clip" else "gelu")
+        if problems := misfits(unet_config, vae_config, *text_configs.values()):
+            widths = " and ".join(str(c.width) for c in text_configs.values())
             raise CheckpointError(
                 f"{path} carries no sd_scratch config and its shapes fit no family sd_scratch knows: read as "
                 f"{kind} with a UNet of {unet_config.model_channels} x {unet_config.channel_mult} channels, a VAE of "
-                f"{vae_config.base_channels} x {vae_config.channel_mult} and a text encoder {text_config.width} "
-                f"wide, but {'; '.join(problems)}; its configs must come with it: write the networks with "
+                f"{vae_config.base_channels} x {vae_config.channel_mult} and text encoders {widths} wide, but "
+                f"{'; '.join(problems)}; its configs must come with it: write the networks with "
                 f"sd_scratch.loading.save_checkpoint, which stores them in the safetensors metadata"
             )
     if unet_config.in_channels == 9:
@@ -98,17 +128,16 @@ def load_single_file(path: Path, device, dtype, prediction_type: str | None) -> 
         return {key[len(prefix):]: (lambda key=key: file.get(key, device, dtype))
                 for key in keys if key.startswith(prefix) and not IGNORED_KEYS.match(key)}
 
-    if is_openclip:  # renamed; q, k and v cut from one tensor as views (fill_strictly casts and moves them)
-        openclip = {key[len(OPENCLIP_PREFIX):]: file.get(key) for key in keys
-                    if key.startswith(OPENCLIP_PREFIX) and not IGNORED_KEYS.match(key)}
-        text_tensors = {name: (lambda t=t: t) for name, t in openclip_to_clip_keys(openclip).items()}
-    else:
-        text_tensors = loaders(CLIP_PREFIX)
     unet = fill_strictly(build_empty(UNet, unet_config), "UNet", loaders(UNET_PREFIX), device, dtype, str(path), kind)
     vae = fill_strictly(build_empty(VAE, vae_config), "VAE", loaders(VAE_PREFIX), device, dtype, str(path), kind)
-    text_encoder = fill_strictly(build_empty(TextEncoder, text_config), "text encoder", text_tensors,
-                                 device, dtype, str(path), kind)
+    text_encoders = {}
+    for slot, (prefix, layout, tensors) in texts.items():
+        tensor_loaders = loaders(prefix) if layout == "clip" else {name: (lambda t=t: t) for name, t in tensors.items()}
+        text_encoders[slot] = fill_strictly(build_empty(TextEncoder, text_configs[slot]), slot.replace("_", " "),
+                                            tensor_loaders, device, dtype, str(path), kind)
 
+    sdxl = kind.startswith("SDXL")
+    openclip_only = kind.startswith(("SD 2.x", "SDXL refiner"))
     if stored:
         prediction_type = prediction_type or stored.get("prediction_type", "epsilon")
         skip_last_layers = stored.get("skip_last_layers", 0)
@@ -116,14 +145,19 @@ def load_single_file(path: Path, device, dtype, prediction_type: str | None) -> 
         image_size = stored.get("image_size", 512)
     else:
         # SD 2.x single files do not say whether they are v-prediction (768-v) or epsilon (512-base);
-        # like diffusers, assume the 768-v model and let the user say otherwise.
-        prediction_type = prediction_type or ("v_prediction" if is_openclip else "epsilon")
-        skip_last_layers = 1 if is_openclip else 0  # SD 2.x conditions on OpenCLIP's penultimate layer
-        pad = PAD_ZERO if is_openclip else PAD_EOS
-        image_size = 768 if prediction_type == "v_prediction" else 512  # SD 2.x 768-v, every other SD: 512
-    defaults = stored.get("defaults", {}) if stored else {}
-    return StableDiffusion(Tokenizer(WEIGHTS_DIR, pad_token_id=pad), text_encoder, unet, vae, kind,
-                           prediction_type, skip_last_layers, image_size, str(path), defaults=defaults)
+        # like diffusers, assume the 768-v model and let the user say otherwise. SDXL predicts the noise.
+        prediction_type = prediction_type or ("v_prediction" if kind.startswith("SD 2.x") else "epsilon")
+        skip_last_layers = 1 if kind.startswith(("SD 2.x", "SDXL")) else 0  # both read the penultimate layer
+        pad = PAD_ZERO if openclip_only else PAD_EOS  # the first text encoder's padding
+        image_size = 1024 if sdxl else 768 if prediction_type == "v_prediction" else 512
+    defaults = stored.get("defaults", {}) if stored else {"guidance": SDXL_GUIDANCE} if sdxl else {}
+    tokenizer = Tokenizer(WEIGHTS_DIR, pad_token_id=pad)
+    # SDXL's second tokenizer is the first with OpenCLIP's padding (id 0); the refiner has only that one.
+    tokenizer_2 = Tokenizer(WEIGHTS_DIR, pad_token_id=PAD_ZERO) if "text_encoder_2" in text_encoders else None
+    return StableDiffusion(None if kind.startswith("SDXL refiner") else tokenizer, text_encoders.get("text_encoder"),
+                           unet, vae, kind, prediction_type, skip_last_layers, image_size, str(path),
+                           defaults=defaults, text_encoder_2=text_encoders.get("text_encoder_2"),
+                           tokenizer_2=tokenizer_2)
 
 
 def shipped_configs_for(file: TensorFile) -> dict | None:
@@ -143,12 +177,17 @@ def shipped_configs_for(file: TensorFile) -> dict | None:
 def identify(keys: list[str], path: Path) -> str:
     """Name the kind of checkpoint from its keys, or explain what it seems to be instead."""
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
-    if has("conditioner.embedders."):
-        raise CheckpointError(f"{path} is an SDXL checkpoint; sd_scratch reads Stable Diffusion 1.x and 2.x")
-    if has(UNET_PREFIX) and has(VAE_PREFIX) and has(OPENCLIP_PREFIX):
-        return "SD 2.x"
-    if has(UNET_PREFIX) and has(VAE_PREFIX) and has(CLIP_PREFIX):
-        return "SD 1.x"
+    for kind, encoders in TEXT_ENCODERS.items():
+        if has(UNET_PREFIX) and has(VAE_PREFIX) and all(has(prefix) for _, prefix, _ in encoders):
+            return kind
+    if has(UNET_PREFIX):
+        parts = [name for name, prefix in [("VAE", VAE_PREFIX), ("text encoders", "cond_stage_model."),
+                                           ("text encoders", "conditioner.")] if has(prefix)]
+        missing = [name for name in ("VAE", "text encoders") if name not in parts]
+        raise CheckpointError(
+            f"{path} holds a UNet but no {' and no '.join(missing)}: a partial checkpoint (a UNet on its own, as "
+            "some fine-tunes are shared); give the full model file, or a diffusers folder"
+        )
     if has("down_blocks.") and has("conv_in."):
         what = "a diffusers UNet or VAE file on its own"
     elif has("text_model.") or has("encoder.layers."):
@@ -156,12 +195,12 @@ def identify(keys: list[str], path: Path) -> str:
     elif has("encoder.down.") or has("decoder.up."):
         what = "a VAE on its own"
     elif any("lora" in k for k in keys):
-        what = "a LoRA, not a full model"
+        what = "a LoRA, not a full model (give it with --lora)"
     else:
         what = f"an unknown model (keys like {list_keys(sorted(keys), 3)})"
     raise CheckpointError(
-        f"{path} does not hold a full Stable Diffusion model: it looks like {what}; give a whole SD 1.x/2.x "
-        "checkpoint file or a diffusers folder"
+        f"{path} does not hold a full Stable Diffusion model: it looks like {what}; give a whole SD 1.x/2.x or "
+        "SDXL checkpoint file or a diffusers folder"
     )
 
 
@@ -189,22 +228,26 @@ OPENCLIP_RENAMES = [
     (".mlp.c_proj.", ".mlp.fc2."),
     ("ln_final.", "final_layer_norm."),
 ]
-# CLIP's contrastive head (the end token's projection into the image-text space, and the softmax
-# temperature). Stable Diffusion never uses them, so they are dropped.
-OPENCLIP_UNUSED = {"text_projection", "logit_scale"}
+# CLIP's contrastive head: the softmax temperature, never used by Stable Diffusion, and the end token's
+# projection into the image-text space, which SD 2.x does not use and SDXL does (its pooled output).
+OPENCLIP_UNUSED = {"logit_scale"}
 
 
-def openclip_to_clip_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an OpenCLIP text tower (keys without `cond_stage_model.model.`) to our key names.
+def openclip_to_clip_keys(state_dict: dict[str, torch.Tensor], keep_projection: bool = False) -> dict[str, torch.Tensor]:
+    """Rename an OpenCLIP text tower (keys without its prefix, e.g. `cond_stage_model.model.`) to our key names.
 
     OpenCLIP's attention is torch's nn.MultiheadAttention, which stores q, k and v stacked in one
     `in_proj_weight` of shape (3 * width, width) (and one `in_proj_bias`): we cut it in thirds.
-    `text_projection` and `logit_scale` are dropped. Keys we do not know pass through renamed as
-    far as the table goes, so a strict load names them.
+    `logit_scale` is dropped, and `text_projection` too unless `keep_projection` (SDXL): OpenCLIP stores it
+    as the matrix P of `x @ P`, (width, projection), and ours is a Linear, whose weight is P transposed.
+    Keys we do not know pass through renamed as far as the table goes, so a strict load names them.
     """
     ours = {}
     for key, tensor in state_dict.items():
-        if key in OPENCLIP_UNUSED:
+        if key in OPENCLIP_UNUSED or (key == "text_projection" and not keep_projection):
+            continue
+        if key == "text_projection":
+            ours["text_projection.weight"] = tensor.t()
             continue
         name = key
         for old, new in OPENCLIP_RENAMES:
