@@ -138,6 +138,20 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--outpaint", metavar="LEFT,TOP,RIGHT,BOTTOM",
                    help="extend the init image by these many pixels (multiples of 8) on each side and paint the new "
                         "border")
+    p.add_argument("--refiner", metavar="PATH",
+                   help="SDXL: a refiner checkpoint (file, diffusers folder or Hugging Face id) that takes over the "
+                        "last steps from the base (the 'ensemble of expert denoisers')")
+    p.add_argument("--refiner-switch", type=finite_float, metavar="FRACTION",
+                   help="SDXL: where the refiner takes over, as a fraction of the way down the noise levels "
+                        "(default: 0.8, the last 20%%)")
+    p.add_argument("--original-size", metavar="H,W",
+                   help="SDXL: the size conditioning's 'original size' of the picture (default: the output size)")
+    p.add_argument("--crop", metavar="TOP,LEFT", help="SDXL: the size conditioning's crop corner (default: 0,0)")
+    p.add_argument("--target-size", metavar="H,W",
+                   help="SDXL base: the size conditioning's 'target size' (default: the output size)")
+    p.add_argument("--aesthetic-score", type=finite_float, nargs="+", metavar="S",
+                   help="SDXL refiner: the aesthetic score of the prompt's half, and optionally of the negative "
+                        "prompt's (default: 6 2.5)")
     p.add_argument("--save-intermediates", type=int, default=0, metavar="K",
                    help="also save a strip of the predicted clean image every K steps")
     p.add_argument("--attention-slices", type=int, default=1, metavar="N",
@@ -226,6 +240,7 @@ def check_arguments(args) -> list[str]:
     except ValueError as error:
         raise UsageError(str(error))
     check_inpainting_arguments(args)
+    check_sdxl_arguments(args)
     if args.strength is not None and args.init_image is None:
         raise UsageError("--strength needs --init-image: it says how much of the init image to keep")
     if args.strength is not None and not 0 < args.strength <= 1:
@@ -302,6 +317,37 @@ def check_inpainting_arguments(args) -> None:
         raise UsageError(f"cannot read mask {args.mask}: {error}")
 
 
+def check_sdxl_arguments(args) -> None:
+    """SDXL's flags, read before torch: the pairs of numbers, the refiner's switch and score."""
+    for flag in ("original_size", "crop", "target_size"):
+        if getattr(args, flag) is not None:
+            setattr(args, flag, number_pair(getattr(args, flag), "--" + flag.replace("_", "-"),
+                                            "TOP,LEFT" if flag == "crop" else "H,W", allow_zero=flag == "crop"))
+    if args.refiner_switch is not None:
+        if args.refiner is None:
+            raise UsageError("--refiner-switch needs --refiner: it says where the refiner takes over")
+        if not 0 < args.refiner_switch < 1:
+            raise UsageError(f"--refiner-switch must be a fraction in (0, 1), got {args.refiner_switch}")
+    if args.aesthetic_score is not None and len(args.aesthetic_score) > 2:
+        raise UsageError("--aesthetic-score takes one or two numbers: the prompt's score, and the negative "
+                         "prompt's")
+    if args.refiner is not None and args.mask is not None:
+        raise UsageError("--refiner with --mask: inpaint with the base alone, then refine the result as an init image")
+
+
+def number_pair(text: str, flag: str, form: str, allow_zero: bool = False) -> tuple[int, int]:
+    """'A,B' -> (A, B), whole numbers, positive (or >= 0 where allowed)."""
+    try:
+        pair = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        pair = ()
+    smallest = 0 if allow_zero else 1
+    if len(pair) != 2 or min(pair) < smallest:
+        raise UsageError(f"{flag} takes {form}, two whole numbers {'>= 0' if allow_zero else '> 0'} in pixels, "
+                         f"e.g. {'0,0' if allow_zero else '1024,1024'}; got {text!r}")
+    return pair
+
+
 def outpaint_borders(text: str) -> tuple[int, int, int, int]:
     """'LEFT,TOP,RIGHT,BOTTOM' -> four pixel counts, each a multiple of 8, not all 0."""
     try:
@@ -375,7 +421,10 @@ def run(args, prompts: list[str]) -> int:
         plan = samplers.make_plan(args.sampler, args.steps, spacing=args.spacing, karras=args.karras,
                                   schedule_type=args.schedule, eta=args.eta)
         if args.init_image is not None:
-            samplers.img2img_plan(plan, args.strength or (0.8 if args.mask is None and args.outpaint is None else 1))
+            plan = samplers.img2img_plan(plan, args.strength or (0.8 if args.mask is None and args.outpaint is None
+                                                                 else 1))
+        if args.refiner is not None:
+            samplers.split_plan(plan, args.refiner_switch or 0.8)
     except ValueError as error:
         raise UsageError(str(error))
     device = pick_device(args.device)
@@ -414,10 +463,13 @@ def run(args, prompts: list[str]) -> int:
     if not args.force:
         guided = guidance > 1 or samplers.needs_unconditional(args.sampler)
         check_memory(model, args.n_samples, height, width, guided, args.tiled_decode, device)
+    refiner = read_refiner(args, model, device, dtype)
+    sizes = size_conditioning(args, model, refiner, height, width)
     skip = model.skip_last_layers if args.clip_skip is None else args.clip_skip
-    if skip >= model.text_encoder.config.layers:
-        raise UsageError(f"--clip-skip {skip} leaves no text encoder layer: it has {model.text_encoder.config.layers}")
-    embeddings = read_embeddings(args, model.text_encoder.config.width)
+    layers = min(encoder.config.layers for _, encoder in model.text_encoders)
+    if skip >= layers:
+        raise UsageError(f"--clip-skip {skip} leaves no text encoder layer: it has {layers}")
+    embeddings = read_embeddings(args, tuple(encoder.config.width for _, encoder in model.text_encoders))
     tagged = tagged_lora_files(args, prompts)
     loras = read_loras(model, [*(path for path, _ in args.lora), *tagged.values()])  # file -> its LoRA
     init_image = None if init is None else from_pil(init, width, height)
@@ -443,7 +495,8 @@ def run(args, prompts: list[str]) -> int:
                           schedule_type=args.schedule, eta=args.eta, seed=args.seed + job * args.n_samples,
                           height=height, width=width,
                           skip_last_layers=args.clip_skip, init_image=init_image, strength=args.strength,
-                          mask=soft_mask, paste_back=args.paste_back, embeddings=embeddings,
+                          mask=soft_mask, paste_back=args.paste_back, embeddings=embeddings, sizes=sizes,
+                          refiner=refiner, refiner_switch=args.refiner_switch or 0.8,
                           preview_every=args.save_intermediates, speed=speed,
                           progress=not one_bar)
         for i, (image, parameters) in enumerate(zip(result.pil_images, result.parameters)):
@@ -461,6 +514,48 @@ def run(args, prompts: list[str]) -> int:
         print(save_numbered(grid(made, columns=args.n_samples), args.outdir, "grid", grid_parameters))
     applied.remove()
     return 0
+
+
+def read_refiner(args, model, device, dtype):
+    """The SDXL refiner of --refiner, loaded and checked against the base, or None."""
+    if args.refiner is None:
+        return None
+    from sd_scratch.loading import CheckpointError, load_checkpoint
+    from sd_scratch.sample import check_refiner
+
+    try:
+        refiner = load_checkpoint(args.refiner, device=device, dtype=dtype)
+        check_refiner(model, refiner, inpainting=False)
+    except (CheckpointError, ValueError) as error:
+        raise UsageError(f"--refiner: {error}")
+    return refiner
+
+
+def size_conditioning(args, model, refiner, height: int, width: int):
+    """SDXL's SizeConditioning from --original-size, --crop, --target-size, --aesthetic-score (None: the
+    defaults); each flag refused, in one line, where no model of the run reads it."""
+    from sd_scratch.conditioning import SizeConditioning
+
+    given = [flag for flag in ("original_size", "crop", "target_size", "aesthetic_score")
+             if getattr(args, flag) is not None]
+    if not given:
+        return None
+    if not model.is_sdxl:
+        raise UsageError(f"--{given[0].replace('_', '-')} is SDXL's size conditioning; {Path(model.source).name} is "
+                         f"{model.kind}, whose UNet takes no sizes")
+    reads_score = refiner is not None or model.is_refiner  # the refiner's vector holds the score
+    if args.aesthetic_score is not None and not reads_score:
+        raise UsageError("--aesthetic-score is read by the SDXL refiner only: give --refiner too (the base "
+                         "conditions on the target size instead)")
+    if args.target_size is not None and model.is_refiner:
+        raise UsageError("--target-size is read by the SDXL base only; the refiner conditions on the aesthetic "
+                         "score instead (--aesthetic-score)")
+    sizes = SizeConditioning.for_size(height, width)
+    scores = args.aesthetic_score or [sizes.aesthetic_score]
+    return SizeConditioning(original_size=args.original_size or sizes.original_size,
+                            target_size=args.target_size or sizes.target_size, crop=args.crop or sizes.crop,
+                            aesthetic_score=scores[0],
+                            negative_aesthetic_score=scores[1] if len(scores) > 1 else sizes.negative_aesthetic_score)
 
 
 def read_loras(model, paths: list[Path]) -> dict:
@@ -490,8 +585,9 @@ def read_init_image_and_mask(args):
         return init, mask.copy()
 
 
-def read_embeddings(args, width: int) -> list:
-    """The textual-inversion embeddings of --embedding and --embeddings-dir, checked against the text encoder."""
+def read_embeddings(args, width: tuple[int, ...]) -> list:
+    """The textual-inversion embeddings of --embedding and --embeddings-dir, checked against the text encoders'
+    widths (one per encoder: SDXL's embeddings hold vectors for both)."""
     from sd_scratch.loading.embeddings import EmbeddingError, load_embedding, load_embeddings_dir
 
     try:

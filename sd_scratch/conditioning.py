@@ -131,7 +131,7 @@ def size_vector(model: StableDiffusion, pooled: torch.Tensor, sizes: SizeConditi
     """SDXL's conditioning vector for B images: (B, pooled width) -> (B, adm_in_channels), the pooled text and the
     Fourier features of the sizes (the base) or of the sizes and the aesthetic score (the refiner: `negative` picks
     the negative prompt's score)."""
-    if model.tokenizer is None:  # the refiner (bigG alone): its vector carries the aesthetic score
+    if model.is_refiner:  # the refiner (bigG alone): its vector carries the aesthetic score
         score = sizes.negative_aesthetic_score if negative else sizes.aesthetic_score
         numbers = [*sizes.original_size, *sizes.crop, score]
     else:
@@ -149,7 +149,7 @@ def zeros_for_empty_negative(model: StableDiffusion) -> bool:
     """Whether an empty negative prompt gives zero context and zero pooled output instead of the encoded "": the
     SDXL base does (its original sampling scripts, diffusers' force_zeros_for_empty_prompt, AUTOMATIC1111); the
     refiner encodes "" (its diffusers config does not zero); SD 1.x/2.x encode "" as they were trained."""
-    return model.is_sdxl and model.tokenizer is not None
+    return model.is_sdxl and not model.is_refiner
 
 
 def emphasize(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

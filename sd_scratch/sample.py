@@ -259,7 +259,7 @@ def describe(model: StableDiffusion, prompts: list[str], negative_prompt: str, s
     if refiner is not None:  # A1111's fields for its SDXL refiner
         settings |= {"Refiner": Path(refiner.source).stem, "Refiner switch at": refiner_switch}
     if sizes is not None:  # SDXL's size conditioning where it is not the default (A1111 writes none of these)
-        settings |= sdxl_size_fields(sizes, height, width, refiner is not None or model.tokenizer is None)
+        settings |= sdxl_size_fields(sizes, height, width, refiner is not None or model.is_refiner)
     if embeddings:  # which embedding files the prompts used, by name and short hash, as A1111 writes them
         settings["TI hashes"] = file_hashes(embeddings)
     if model.loras:  # the LoRAs merged into the weights, likewise (the prompt keeps their <lora:...> tags)
@@ -275,12 +275,12 @@ def sdxl_size_fields(sizes: SizeConditioning, height: int, width: int, aesthetic
     if sizes.original_size != default.original_size:
         fields["Original size"] = f"{sizes.original_size[1]}x{sizes.original_size[0]}"
     if sizes.crop != default.crop:
-        fields["Crop"] = f"{sizes.crop[0]},{sizes.crop[1]}"  # top, left, as --crop takes it
+        fields |= {"Crop top": sizes.crop[0], "Crop left": sizes.crop[1]}
     if sizes.target_size != default.target_size:
         fields["Target size"] = f"{sizes.target_size[1]}x{sizes.target_size[0]}"
     scores = (sizes.aesthetic_score, sizes.negative_aesthetic_score)
     if aesthetic and scores != (default.aesthetic_score, default.negative_aesthetic_score):
-        fields["Aesthetic score"] = f"{scores[0]:g},{scores[1]:g}"
+        fields |= {"Aesthetic score": scores[0], "Negative aesthetic score": scores[1]}
     return fields
 
 
@@ -363,10 +363,10 @@ def check_refiner(model: StableDiffusion, refiner: StableDiffusion | None, inpai
     """The models that take turns in the loop: [model], or [SDXL base, SDXL refiner]."""
     if refiner is None:
         return [model]
-    if not refiner.is_sdxl or refiner.tokenizer is not None:
+    if not refiner.is_refiner:
         raise ValueError(f"the refiner must be an SDXL refiner (its text encoder OpenCLIP bigG alone); "
                          f"{refiner.source} is {refiner.kind}")
-    if not model.is_sdxl or model.tokenizer is None:
+    if not model.is_sdxl or model.is_refiner:
         raise ValueError(f"a refiner follows an SDXL base model; {model.source} is {model.kind}")
     if inpainting:
         raise ValueError("inpainting with a refiner is not supported: inpaint with the base alone, then refine "

@@ -224,9 +224,9 @@ def split_plan(plan: Plan, switch: float) -> tuple[Plan, Plan]:
     base_steps = sum(1 for i in first_call_of_step.values() if plan.timesteps[i] >= cutoff)
     base_calls = sum(1 for i in calls if step_of_call(plan, i) < base_steps)
     if base_calls in (0, len(plan.timesteps)):
-        who = "base" if base_calls == 0 else "refiner"
-        raise ValueError(f"switching at {switch} of {plan.num_steps} steps leaves the {who} no step: "
-                         "give a switch further from the end, or more steps")
+        who, fix = ("base", "a larger switch") if base_calls == 0 else ("refiner", "a smaller switch")
+        raise ValueError(f"switching at {switch} of {plan.num_steps} steps leaves the {who} no step: give {fix}, "
+                         "or more steps")
     base = dataclasses.replace(plan, timesteps=plan.timesteps[:base_calls].clone())
     refiner = dataclasses.replace(
         plan, timesteps=plan.timesteps[base_calls:].clone(),

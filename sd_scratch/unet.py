@@ -19,6 +19,13 @@ The shape of the network, for SD 1.5 (model_channels 320, multipliers 1, 2, 4, 4
 
 Every residual block also receives the timestep embedding; every transformer attends to the text.
 
+SDXL's UNet is the same network with other numbers (`UNetConfig`): three levels of 320, 640 and 1280
+channels, no transformer at the first, transformers 2 and 10 blocks deep at the others and in the middle,
+heads of 64 channels, a 2048-wide context, and a `label_emb`: an MLP like the timestep's that maps the
+conditioning vector (pooled text and image sizes, `conditioning.py`) onto the timestep embedding, so that
+every residual block hears it too. The refiner: four levels of 384 x (1, 2, 4, 4), transformers 4 deep at
+the middle two levels and in the middle block, a 1280-wide context.
+
 The convolutions are `Conv2d`: nn.Conv2d with a speed-up on the CPU for small maps, defined after the
 network at the end of the file, with what it buys. `UNet.set_attention_slices` trades speed for memory.
 """

@@ -1,4 +1,4 @@
-"""A checkpoint on disk -> the three networks, their configs and the tokenizer, loaded strictly.
+"""A checkpoint on disk -> the networks, their configs and the tokenizers, loaded strictly (SD 1.x, 2.x, SDXL).
 
     model = load_checkpoint("weights/v1-5-pruned-emaonly.safetensors")   # or a diffusers folder, or a hub id
 

@@ -7,7 +7,7 @@ A name is an id only when no file or folder of that name exists (a path on disk 
 id's form: OWNER/NAME, or OWNER/NAME/FILE with FILE a .safetensors or .ckpt file (in a subfolder or not).
 huggingface_hub does the fetching: its cache (HF_HUB_CACHE, by default ~/.cache/huggingface/hub) keeps what
 was downloaded, and with HF_HUB_OFFLINE=1 it is read without touching the network. Of a diffusers repository
-only what loading reads is fetched: the three networks' weights and configs, the tokenizer, the scheduler's
+only what loading reads is fetched: the networks' weights and configs, the tokenizers, the scheduler's
 config (not the safety checker, not other variants); with fp16 asked, the `*.fp16.safetensors` variant where
 the repository has one, half the download.
 """
@@ -24,8 +24,10 @@ ID_PART = re.compile(r"[A-Za-z0-9][\w.-]*")  # an owner, a repository or a file 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # What loading a diffusers folder reads (diffusers_folder.py): these, and each network's weights (by variant).
 FOLDER_FILES = ["unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer/*",
-                "scheduler/scheduler_config.json"]
+                "text_encoder_2/config.json", "tokenizer_2/*", "scheduler/scheduler_config.json"]
 FOLDER_WEIGHTS = ["unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model"]
+# SDXL's second text encoder: the base has both, the refiner this one alone.
+SDXL_WEIGHTS = ["text_encoder_2/model"]
 
 
 def is_hub_id(name: str) -> bool:
@@ -60,8 +62,11 @@ def from_hub(name: str, fp16: bool = False) -> Path:
         if in_repo:
             return Path(hf_hub_download(repo, "/".join(in_repo), **where))
         for variant in (".fp16", "") if fp16 else ("",):
-            weights = [f"{stem}{variant}.safetensors" for stem in FOLDER_WEIGHTS]
-            folder = Path(snapshot_download(repo, allow_patterns=[*FOLDER_FILES, *weights], **where))
+            weights, sdxl = ([f"{stem}{variant}.safetensors" for stem in stems] for stems in (FOLDER_WEIGHTS,
+                                                                                              SDXL_WEIGHTS))
+            folder = Path(snapshot_download(repo, allow_patterns=[*FOLDER_FILES, *weights, *sdxl], **where))
+            if (folder / sdxl[0]).is_file():  # SDXL: the refiner has no text_encoder/
+                weights = [file for file in weights if not file.startswith("text_encoder/")] + sdxl
             if all((folder / file).is_file() for file in weights):
                 return folder
     except LocalEntryNotFoundError as error:
@@ -81,7 +86,7 @@ def from_hub(name: str, fp16: bool = False) -> Path:
     if offline:
         raise CheckpointError(not_reachable(name, f"HF_HUB_OFFLINE is set and the cache lacks {missing}"))
     raise CheckpointError(f"{repo} on the Hugging Face hub gives no {missing} (or the hub could not be reached and "
-                          "the cache lacks it): is it a diffusers Stable Diffusion 1.x/2.x repository? For one "
+                          "the cache lacks it): is it a diffusers Stable Diffusion 1.x/2.x or SDXL repository? For one "
                           f"file of a repository, name the file: {repo}/FILE.safetensors")
 
 

@@ -49,6 +49,11 @@ class StableDiffusion:
         return self.unet.config.adm_in_channels is not None
 
     @property
+    def is_refiner(self) -> bool:
+        """SDXL's refiner: bigG alone, its vector carrying an aesthetic score where the base's has the target size."""
+        return self.is_sdxl and self.text_encoder is None
+
+    @property
     def text_encoders(self) -> list[tuple[Tokenizer, TextEncoder]]:
         """(tokenizer, text encoder) pairs in the order their outputs are concatenated: one for SD 1.x/2.x and the
         SDXL refiner, two for the SDXL base."""

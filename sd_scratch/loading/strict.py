@@ -33,7 +33,7 @@ def build_empty(module_class, config) -> nn.Module:
 
 def fill_strictly(model: nn.Module, network: str, tensors: dict[str, Callable[[], torch.Tensor]], device, dtype,
                   source: str, kind: str,
-                  question: str = "is this a full Stable Diffusion 1.x/2.x checkpoint?") -> nn.Module:
+                  question: str = "is this a full Stable Diffusion 1.x/2.x or SDXL checkpoint?") -> nn.Module:
     """Assign every parameter and buffer of `model` from `tensors` (name -> loader); fail on any gap.
 
     question: what the error asks the user to check, after naming the gaps.

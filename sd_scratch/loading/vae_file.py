@@ -70,7 +70,7 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     config = dataclasses.replace(config, scaling_factor=said or scaling_factor or VAEConfig.scaling_factor)
     loaders = {ours: (lambda theirs=theirs: file.get(theirs, device, dtype)) for ours, theirs in names.items()}
     return fill_strictly(build_empty(VAE, config), "VAE", loaders, device, dtype, str(weights), f"{layout} VAE",
-                         question="is this a Stable Diffusion 1.x/2.x VAE?")
+                         question="is this a Stable Diffusion 1.x/2.x or SDXL VAE?")
 
 
 def replace_vae(model: StableDiffusion, path: str | Path) -> None:
