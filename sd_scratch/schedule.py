@@ -47,6 +47,9 @@ class ScheduleConfig:
     # How inference spreads its steps over the training timesteps unless told otherwise (SPACINGS).
     # SD 1.x/2.x and SDXL: "leading"; the few-step Turbo and Lightning models: "trailing".
     timestep_spacing: str = "leading"
+    # Not the training schedule but the model family's: which published Align Your Steps timesteps it walks
+    # (AYS_SD15_TIMESTEPS below; the loaders give SDXL's models "sdxl").
+    ays_family: str = "sd15"
 
 
 SD15_SCHEDULE = ScheduleConfig()
@@ -211,7 +214,8 @@ def noise_levels(schedule_type: str, sigma_min: float, sigma_max: float, num_ste
         training = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")
         if any(getattr(schedule, name) != getattr(SD15_SCHEDULE, name) for name in training):
             raise ValueError("the Align Your Steps levels were fitted to SD's training schedule, not to this model's")
-        return ays_sigmas(num_steps, schedule)
+        return ays_sigmas(num_steps, schedule, AYS_SDXL_TIMESTEPS if schedule.ays_family == "sdxl" else
+                          AYS_SD15_TIMESTEPS)
     raise ValueError(f"unknown schedule type {schedule_type!r}; known: {', '.join(SCHEDULE_TYPES)}")
 
 

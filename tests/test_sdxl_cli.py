@@ -105,3 +105,13 @@ def test_sdxl_mistakes_are_one_line_exit_2_and_write_nothing(files, tmp_path, ca
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_align_your_steps_walks_the_sdxl_table_on_sdxl(files):
+    from sd_scratch import samplers, schedule
+    model = load_checkpoint(files / "base.safetensors")
+    plan = samplers.make_plan("euler", 10, schedule_type="ays", schedule=model.schedule)
+    expected = schedule.ays_sigmas(10, timesteps=schedule.AYS_SDXL_TIMESTEPS)
+    assert torch.allclose(plan.sigmas[:-1].double(), torch.from_numpy(expected), rtol=1e-5)
+    sd15 = samplers.make_plan("euler", 10, schedule_type="ays")
+    assert not torch.allclose(plan.sigmas, sd15.sigmas)

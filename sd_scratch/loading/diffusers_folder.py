@@ -113,6 +113,8 @@ def load_diffusers_folder(folder: Path, device, dtype, prediction_type: str | No
     # SDXL's folders keep every layer and read the penultimate (diffusers' hidden_states[-2]); SD 2.x folders
     # drop the last layer of OpenCLIP instead, so reading their last is reading the original's penultimate.
     skip_last_layers = 1 if sdxl else 0
+    if sdxl:  # the family's Align Your Steps timesteps (schedule.py)
+        schedule = dataclasses.replace(schedule, ays_family="sdxl")
     return StableDiffusion(tokenizer("tokenizer") if "text_encoder" in text_slots else None,
                            text_encoders.get("text_encoder"), unet, vae, kind,
                            prediction_type or folder_prediction_type, skip_last_layers, image_size, source, schedule,

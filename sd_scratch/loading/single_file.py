@@ -32,6 +32,7 @@ from sd_scratch.loading.configs import (infer_text_encoder_config, infer_unet_co
 from sd_scratch.loading.model import CheckpointError, StableDiffusion
 from sd_scratch.loading.strict import build_empty, fill_strictly, list_keys
 from sd_scratch.loading.tensor_file import TensorFile
+from sd_scratch.schedule import SD15_SCHEDULE
 from sd_scratch.text_encoder import TextEncoder, TextEncoderConfig
 from sd_scratch.tokenizer import PAD_EOS, PAD_ZERO, WEIGHTS_DIR, Tokenizer
 from sd_scratch.unet import UNet, UNetConfig
@@ -156,6 +157,7 @@ def load_single_file(path: Path, device, dtype, prediction_type: str | None) -> 
     tokenizer_2 = Tokenizer(WEIGHTS_DIR, pad_token_id=PAD_ZERO) if "text_encoder_2" in text_encoders else None
     return StableDiffusion(None if kind.startswith("SDXL refiner") else tokenizer, text_encoders.get("text_encoder"),
                            unet, vae, kind, prediction_type, skip_last_layers, image_size, str(path),
+                           schedule=dataclasses.replace(SD15_SCHEDULE, ays_family="sdxl") if sdxl else SD15_SCHEDULE,
                            defaults=defaults, text_encoder_2=text_encoders.get("text_encoder_2"),
                            tokenizer_2=tokenizer_2)
 
