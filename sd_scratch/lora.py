@@ -17,9 +17,16 @@ The files name layers in one of two ways, and in each way after one of two modul
   diffusers / PEFT        unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight
                           (lora_B; older files lora.down / lora.up); text_encoder.text_model.encoder...
 The UNet's layers are named after diffusers' module tree (down_blocks, resnets.0.conv1) in most files
-and after the original's (input_blocks.1.0.in_layers.2) in some; the text encoder's after transformers'
-CLIP, which is ours. Our UNet keeps the original's tree, so `layer_names` builds, from the diffusers
-folder's renaming tables, every name a file may use for each of our layers.
+and after the original's (input_blocks.1.0.in_layers.2) in some (kohya trains SDXL on the original's
+tree); the text encoders' after transformers' CLIP, which is ours. Our UNet keeps the original's tree, so
+`layer_names` builds, from the diffusers folder's renaming tables, every name a file may use for each of
+our layers.
+
+Each text encoder has its prefix, and the prefixes tell the model family a file was made for:
+                 UNet                  first text encoder (CLIP ViT-L / H)    SDXL's second (OpenCLIP bigG)
+  SD 1.x, 2.x    lora_unet_  unet.     lora_te_   text_encoder.               -
+  SDXL           lora_unet_  unet.     lora_te1_  text_encoder.               lora_te2_  text_encoder_2.
+The SDXL refiner has the second text encoder alone (lora_te2_, text_encoder_2.).
 
 Reading is strict: every key of the file must be a part of a layer this model has, with the shape that
 layer's weight has, or the file is refused with the keys named. Applying merges the changes into copies
@@ -44,7 +51,14 @@ from sd_scratch.loading.model import CheckpointError, StableDiffusion
 from sd_scratch.loading.strict import list_keys
 from sd_scratch.loading.tensor_file import TensorFile, why_refused
 
-NETWORKS = ("unet", "text_encoder")
+# network -> (kohya prefix, PEFT prefix), by model family; the network is the model's attribute of that name
+SD_NETWORKS = {"unet": ("lora_unet_", "unet."), "text_encoder": ("lora_te_", "text_encoder.")}
+SDXL_NETWORKS = {"unet": ("lora_unet_", "unet."), "text_encoder": ("lora_te1_", "text_encoder."),
+                 "text_encoder_2": ("lora_te2_", "text_encoder_2.")}
+SD_FAMILY, SDXL_FAMILY = "SD 1.x or 2.x", "SDXL"
+# The width of the context a UNet's cross-attention reads (attn2.to_k's input) -> the family, to name the family
+# of a UNet-only file that does not fit.
+CONTEXT_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL", 1280: "the SDXL refiner"}
 # The parts of one layer's LoRA, by the name a file gives them: down (A), up (B), alpha.
 PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha",
          "lora_A.weight": "down", "lora_B.weight": "up", "lora.down.weight": "down", "lora.up.weight": "up"}
@@ -52,7 +66,6 @@ PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha",
 OTHER_ADAPTERS = {"dora_scale": "DoRA (weight-decomposed LoRA)", "lora_mid.weight": "LoCon with a Tucker core (CP)",
                   "diff": "a full weight difference", "diff_b": "a full weight difference",
                   "hada_": "LoHa (LyCORIS)", "lokr_": "LoKr (LyCORIS)", "oft_": "OFT (LyCORIS)"}  # the last three: prefixes
-SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.")
 PART_NAMES_LONGEST_FIRST = sorted([*PARTS, *OTHER_ADAPTERS], key=len, reverse=True)  # "lora.down.weight" first
 
 
@@ -62,7 +75,7 @@ class LoraError(CheckpointError):
 
 @dataclass(frozen=True, eq=False)
 class LoraLayer:
-    """One layer's low-rank change: network ("unet" or "text_encoder"), our module path inside it."""
+    """One layer's low-rank change: network ("unet", "text_encoder", "text_encoder_2"), our module path inside it."""
 
     network: str
     module: str
@@ -100,10 +113,9 @@ class Lora:
 
 def layer_names(model: StableDiffusion) -> dict[str, tuple[str, str]]:
     """name in a file -> (network, our module path), for every linear and convolution layer of the UNet and
-    the text encoder, in the four spellings above (kohya and PEFT, each after both UNet trees)."""
+    the text encoders, in the four spellings above (kohya and PEFT, each after both UNet trees)."""
     names = {}
-    for network in NETWORKS:
-        kohya_prefix, peft_prefix = ("lora_unet_", "unet.") if network == "unet" else ("lora_te_", "text_encoder.")
+    for network, (kohya_prefix, peft_prefix) in model_networks(model).items():
         for ours, theirs in module_paths(model, network).items():
             for path in {ours, theirs}:
                 names[kohya_prefix + path.replace(".", "_")] = (network, ours)
@@ -111,12 +123,18 @@ def layer_names(model: StableDiffusion) -> dict[str, tuple[str, str]]:
     return names
 
 
+def model_networks(model: StableDiffusion) -> dict[str, tuple[str, str]]:
+    """The networks of `model` a LoRA may change, with their prefixes: {network: (kohya prefix, PEFT prefix)}."""
+    networks = SDXL_NETWORKS if model.is_sdxl else SD_NETWORKS
+    return {network: prefixes for network, prefixes in networks.items() if getattr(model, network) is not None}
+
+
 def module_paths(model: StableDiffusion, network: str) -> dict[str, str]:
-    """our module path -> diffusers' (transformers' for the text encoder: the same), for every layer with a
-    weight matrix or kernel."""
+    """our module path -> diffusers' (transformers' for the text encoders: the same, text_projection included),
+    for every layer with a weight matrix or kernel."""
     modules = getattr(model, network)
     ours = [name for name, module in modules.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
-    if network == "text_encoder":
+    if network != "unet":
         return {name: name for name in ours}
     config = model.unet.config
     levels = len(config.channel_mult)
@@ -164,14 +182,18 @@ def load_lora(path: str | Path, model: StableDiffusion) -> Lora:
             grouped[layer][PARTS[part]] = key
     if unknown:
         raise LoraError(f"{path.name} has keys that are not parts of a LoRA layer: {list_keys(unknown)}")
-    if any(layer.startswith(SDXL_PREFIXES) for layer in grouped):
-        raise LoraError(f"{path.name} is a LoRA for SDXL (it changes two text encoders), and this model is "
-                        f"{model.kind}: use a LoRA made for {model.kind}")
+    family, evidence = family_by_names(grouped)
+    if family is not None and family != (SDXL_FAMILY if model.is_sdxl else SD_FAMILY):
+        raise LoraError(f"{path.name} is a LoRA for {family} ({evidence}), and this model is {model.kind}: use "
+                        f"a LoRA made for {model.kind}")
     names = layer_names(model)
     missing = [layer for layer in grouped if layer not in names]
+    if model.text_encoder is None and any(layer.startswith(("lora_te1_", "text_encoder.")) for layer in missing):
+        raise LoraError(f"{path.name} changes SDXL's first text encoder (lora_te1_ / text_encoder.), which "
+                        f"{model.kind} does not have (it has the second alone): use a LoRA made for the refiner")
     if missing:
-        raise LoraError(f"{path.name} changes layers that {model.kind} does not have (a LoRA for another kind "
-                        f"of model?): {list_keys(missing)}")
+        raise LoraError(f"{path.name} changes layers that {model.kind} does not have "
+                        f"({family_by_context(file, grouped, model)}): {list_keys(missing)}")
     layers = []
     for layer, parts in grouped.items():
         if "down" not in parts or "up" not in parts:
@@ -182,9 +204,35 @@ def load_lora(path: str | Path, model: StableDiffusion) -> Lora:
         weight = getattr(model, network).get_submodule(module).weight
         if up.shape[1] != down.shape[0] or up.shape[0] != weight.shape[0] or down[0].numel() != weight[0].numel():
             raise LoraError(f"{path.name}: layer {layer} is up {tuple(up.shape)} @ down {tuple(down.shape)}, but "
-                            f"{model.kind}'s weight there is {tuple(weight.shape)} (a LoRA for another kind of model?)")
+                            f"{model.kind}'s weight there is {tuple(weight.shape)} "
+                            f"({family_by_context(file, grouped, model)})")
         layers.append(LoraLayer(network, module, down, up, alpha))
     return Lora(path.stem, path, tuple(layers))
+
+
+def family_by_names(layers: dict) -> tuple[str | None, str]:
+    """The model family a file's layer names tell (SD_FAMILY or SDXL_FAMILY) and how they tell it; (None, "")
+    when they could be either's (a UNet-only file, or PEFT's text_encoder. with nothing beside it)."""
+    if any(layer.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for layer in layers):
+        return SDXL_FAMILY, "it changes two text encoders"
+    if any(layer.startswith("lora_te_") for layer in layers):
+        return SD_FAMILY, "it changes one text encoder, lora_te_"
+    if any("label_emb" in layer or "add_embedding" in layer for layer in layers):
+        return SDXL_FAMILY, "it changes the label_emb that embeds SDXL's sizes and pooled text"
+    return None, ""
+
+
+def family_by_context(file: TensorFile, layers: dict, model: StableDiffusion) -> str:
+    """For a file that does not fit `model`: the family its cross-attention's context width names, when it is a
+    known one and not the model's own, as the reason to give (a UNet-only file has nothing else to tell it by)."""
+    shapes = [file.shape(parts["down"]) for layer, parts in layers.items()
+              if re.search(r"attn2[._]to_k$", layer) and "down" in parts]
+    widths = {shape[1] for shape in shapes if len(shape) == 2}  # down: (rank, context width)
+    if len(widths) != 1 or next(iter(widths)) not in set(CONTEXT_FAMILIES) - {model.unet.config.context_dim}:
+        return "a LoRA for another kind of model?"
+    width = widths.pop()
+    return (f"a LoRA for another kind of model: its cross-attention reads a context {width} wide, as "
+            f"{CONTEXT_FAMILIES[width]}'s does")
 
 
 def split_key(key: str) -> tuple[str, str | None]:

@@ -236,14 +236,75 @@ def test_width_mismatch_names_the_file_both_widths_and_the_families(tmp_path):
     assert "(SD 1.x embeddings are 768 wide, SD 2.x 1024)" in one_line_error(path, width=1024)
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
-def test_sdxl_embeddings_need_an_sdxl_checkpoint(tmp_path, suffix):
-    data = {"clip_g": known_vectors(2, width=1280), "clip_l": known_vectors(2, width=768)}
-    path = tmp_path / f"negativeXL_D{suffix}"
+def sdxl_file(tmp_path, suffix=".safetensors", widths=(768, 1280), n=(2, 2), name="negativeXL_D", **extra):
+    """An SDXL embedding as A1111 and ComfyUI share them: clip_l for CLIP ViT-L, clip_g for OpenCLIP bigG."""
+    clip_l, clip_g = known_vectors(n[0], width=widths[0], seed=1), known_vectors(n[1], width=widths[1], seed=2)
+    data = {"clip_g": clip_g, "clip_l": clip_l, **extra}
+    path = tmp_path / f"{name}{suffix}"
     save_file(data, path) if suffix == ".safetensors" else torch.save(data, path)
+    return path, data
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_sdxl_embeddings_keep_a_set_of_vectors_for_each_text_encoder(tmp_path, suffix):
+    path, data = sdxl_file(tmp_path, suffix)
+    for width in [None, (768, 1280), [768, 1280]]:
+        embedding = load_embedding(path, width)
+        assert embedding.name == "negativeXL_D" and torch.equal(embedding.vectors, data["clip_l"])
+        assert torch.equal(embedding.vectors_for(768), data["clip_l"])
+        assert torch.equal(embedding.vectors_for(1280), data["clip_g"])
+    refiner = load_embedding(path, (1280,))  # bigG alone: clip_g
+    assert torch.equal(refiner.vectors, data["clip_g"]) and torch.equal(refiner.vectors_for(1280), data["clip_g"])
+    with pytest.raises(EmbeddingError) as error:
+        embedding.vectors_for(1024)
+    assert str(error.value) == (f"{path} holds vectors 768 and 1280 wide, none for a text encoder 1024 wide: use it "
+                                "with a model of its family")
+    # The key says which encoder, whatever the widths (the small test models' 64 and 128)
+    small, data = sdxl_file(tmp_path, widths=(64, 128), name="small")
+    embedding = load_embedding(small, (64, 128))
+    assert torch.equal(embedding.vectors_for(64), data["clip_l"]) and torch.equal(embedding.vectors_for(128),
+                                                                                  data["clip_g"])
+    small.unlink()
+    [from_folder] = load_embeddings_dir(tmp_path, (1280,))
+    assert from_folder.name == "negativeXL_D" and torch.equal(from_folder.vectors, refiner.vectors)
+
+
+def test_sdxl_and_one_encoder_embeddings_are_refused_with_the_other_family(tmp_path):
+    path, _ = sdxl_file(tmp_path)
+    assert one_line_error(path, width=768) == (
+        f"{path} is an SDXL embedding (clip_l and clip_g, 768 and 1280 wide), but this model has one text encoder, "
+        "768 wide (SD 1.x): use it with an SDXL model, or use an embedding made for this model")
+    assert "(SD 2.x)" in one_line_error(path, width=(1024,))
+    assert one_line_error(path, width=(768, 1024)) == (
+        f"{path} holds clip_l and clip_g 768 and 1280 wide, but this model's text encoders are 768 and 1024 wide: it "
+        "was made for another model; use it with a model of its family")
+    sd1 = tmp_path / "easynegative.safetensors"
+    save_file({"emb_params": known_vectors(3, width=768)}, sd1)
+    assert one_line_error(sd1, width=(768, 1280)) == (
+        f"{sd1} holds one set of vectors, 768 wide (an embedding for SD 1.x), but this model has 2 text encoders, "
+        "768 and 1280 wide: use an embedding made for SDXL (clip_l and clip_g)")
+    assert "easynegative.safetensors holds one set" in one_line_error(tmp_path, width=(768, 1280), folder=True)
+    assert load_embedding(sd1, (768,)).vectors_for(768).shape == (3, 768)  # a one-tuple is the int
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("counts", r"holds 2 vectors in clip_l but 3 in clip_g, where an SDXL embedding has as many for each"),
+    ("one_width", r"holds clip_l and clip_g of one width, 768, where SDXL's two text encoders differ"),
+    ("clip_g_alone", r"holds clip_g, where an SDXL embedding holds clip_l and clip_g alone"),
+    ("extra", r"holds clip_g, clip_l, emb_params, where an SDXL embedding holds clip_l and clip_g alone"),
+])
+def test_damaged_sdxl_embeddings_get_one_line_errors(tmp_path, case, expected):
+    if case == "counts":
+        path, _ = sdxl_file(tmp_path, n=(2, 3))
+    elif case == "one_width":
+        path, _ = sdxl_file(tmp_path, widths=(768, 768))
+    elif case == "clip_g_alone":
+        path = tmp_path / "half.safetensors"
+        save_file({"clip_g": known_vectors(2, width=1280)}, path)
+    else:
+        path, _ = sdxl_file(tmp_path, emb_params=known_vectors(2, width=768))
     message = one_line_error(path)
-    assert message == (f"{path} is an SDXL embedding (vectors for clip_l and clip_g): SDXL embeddings need an SDXL "
-                       "checkpoint, which sd_scratch does not load yet")
+    assert message.startswith(str(path) + " ") and re.search(expected, message), message
 
 
 def write_bad_file(tmp_path, case):

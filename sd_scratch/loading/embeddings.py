@@ -1,11 +1,11 @@
 """Textual-inversion embeddings: new words for the prompt, read from the files people share.
 
 The text encoder turns each token of a prompt into a vector (its token embedding, 768 numbers wide
-for SD 1.x, 1024 for SD 2.x) before its transformer layers read them. Textual inversion trains no
-weight of the model: it learns a few new token embeddings, as if the vocabulary had words for
-"this character" or "the flaws of bad images". An embedding is those vectors, n of them, (n, width):
-where its trigger word appears in a prompt, the n vectors take the place of the word's tokens, so it
-uses n of the 75 token positions of a chunk.
+for SD 1.x, 1024 for SD 2.x; SDXL's two encoders, 768 and 1280) before its transformer layers read
+them. Textual inversion trains no weight of the model: it learns a few new token embeddings, as if the
+vocabulary had words for "this character" or "the flaws of bad images". An embedding is those vectors,
+n of them, (n, width): where its trigger word appears in a prompt, the n vectors take the place of the
+word's tokens, so it uses n of the 75 token positions of a chunk.
 
     easynegative = load_embedding("embeddings/easynegative.safetensors", width=768)
     easynegative.name, easynegative.vectors.shape   # "easynegative", (8, 768)
@@ -16,8 +16,15 @@ The files, as AUTOMATIC1111's web UI and diffusers read them:
     A1111 .pt            a pickled dict: "string_to_param": {"*": (n, width)}, with "string_to_token",
                          "name", "step", "sd_checkpoint", "sd_checkpoint_name" beside it (ignored here)
     diffusers            learned_embeds.bin / .safetensors: {"<token>": (width,) or (n, width)}, one key
-    SDXL                 "clip_l" and "clip_g": vectors for each of SDXL's two text encoders (refused:
-                         sd_scratch does not load SDXL checkpoints yet)
+    SDXL                 "clip_l" (n, 768) and "clip_g" (n, 1280): vectors for each of SDXL's two text
+                         encoders, CLIP ViT-L and OpenCLIP bigG, the same n for both (A1111, ComfyUI)
+
+An embedding belongs to a model family, told by its widths: one set of vectors for SD 1.x/2.x (as wide
+as the model's one text encoder), both clip_l and clip_g for SDXL. A file of one family is refused with
+a model of the other, as A1111 refuses it. The SDXL refiner, bigG alone, takes an SDXL file's clip_g.
+
+    negative = load_embedding("embeddings/negativeXL_D.safetensors", width=(768, 1280))
+    negative.vectors_for(768).shape, negative.vectors_for(1280).shape   # (8, 768), (8, 1280)
 
 The trigger word is the file's name without its extension, as in A1111 (the "name" stored in a .pt is
 ignored, as A1111 ignores it). The one exception is diffusers' learned_embeds.*, a name the training
@@ -62,22 +69,36 @@ class Embedding:
     """A textual-inversion embedding: a trigger word and the vectors that replace it in a prompt."""
 
     name: str  # the word that calls it in a prompt: the file's stem, e.g. "easynegative"
-    vectors: torch.Tensor = field(repr=False)  # (n, width) float32 on the CPU: it takes n token positions
+    # (n, width) float32 on the CPU: it takes n token positions. For SDXL, the first text encoder's (clip_l; the
+    # refiner's clip_g): every encoder's are in vectors_by_width.
+    vectors: torch.Tensor = field(repr=False)
     short_hash: str  # the first 12 hex digits of the sha256 of the file's bytes, as A1111 writes in "TI hashes"
     path: Path
+    # Each text encoder's vectors, by the encoder's width: {768: clip_l, 1280: clip_g} for SDXL; {width: vectors}
+    # for SD 1.x/2.x (filled from `vectors` when not given).
+    vectors_by_width: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if not self.vectors_by_width:
+            object.__setattr__(self, "vectors_by_width", {self.vectors.shape[1]: self.vectors})  # frozen: set once
 
     def vectors_for(self, width: int) -> torch.Tensor:
         """The vectors for a text encoder whose token embeddings are `width` wide."""
-        if self.vectors.shape[1] != width:
+        if width in self.vectors_by_width:
+            return self.vectors_by_width[width]
+        if len(self.vectors_by_width) == 1:
             raise EmbeddingError(_width_mismatch(self.path, self.vectors.shape[1], width))
-        return self.vectors
+        raise EmbeddingError(f"{self.path} holds vectors {_widths(self.vectors_by_width)} wide, none for a text "
+                             f"encoder {width} wide: use it with a model of its family")
 
 
-def load_embedding(path: str | Path, width: int | None = None) -> Embedding:
-    """Read one textual-inversion embedding file (A1111 .safetensors or .pt, diffusers' learned_embeds.*).
+def load_embedding(path: str | Path, width: int | tuple[int, ...] | None = None) -> Embedding:
+    """Read one textual-inversion embedding file (A1111 .safetensors or .pt, diffusers' learned_embeds.*, SDXL's
+    clip_l + clip_g).
 
-    width: the text encoder's token-embedding width (768 for SD 1.x, 1024 for SD 2.x); when given, an
-    embedding made for another width is refused, since its vectors would mean nothing to this encoder.
+    width: the width of the model's text encoder's token embeddings (768 for SD 1.x, 1024 for SD 2.x), or of
+    each of its text encoders in order ((768, 1280) for SDXL, (1280,) for its refiner); when given, an
+    embedding made for another family is refused, since its vectors would mean nothing to these encoders.
     The name is the file's stem, except for diffusers' learned_embeds.*, named by the token stored inside
     (its one key without "<" ">"). The vectors come back as float32 on the CPU, whatever the file stores.
     """
@@ -94,15 +115,22 @@ def load_embedding(path: str | Path, width: int | None = None) -> Embedding:
     if path.stat().st_size == 0:
         raise EmbeddingError(f"{path} is empty (0 bytes): the download or copy did not finish; get the file again")
 
-    tensor, stored_word = _find_vectors(path, _read_contents(path))
-    vectors = _as_vectors(path, tensor)
-    if width is not None and vectors.shape[1] != width:
-        raise EmbeddingError(_width_mismatch(path, vectors.shape[1], width))
-    return Embedding(name=_trigger_word(path, stored_word), vectors=vectors, short_hash=short_hash(path), path=path)
+    widths = (width,) if isinstance(width, int) else None if width is None else tuple(width)
+    contents = _read_contents(path)
+    if isinstance(contents, dict) and ("clip_l" in contents or "clip_g" in contents):
+        (by_width, vectors), stored_word = _sdxl_vectors(path, contents, widths), None
+    else:
+        tensor, stored_word = _find_vectors(path, contents)
+        vectors = _as_vectors(path, tensor)
+        _check_one_set(path, vectors, widths)
+        by_width = {vectors.shape[1]: vectors}
+    return Embedding(name=_trigger_word(path, stored_word), vectors=vectors, short_hash=short_hash(path), path=path,
+                     vectors_by_width=by_width)
 
 
-def load_embeddings_dir(folder: str | Path, width: int | None = None) -> list[Embedding]:
-    """Every embedding in `folder` (its *.safetensors, *.pt and *.bin files, not its subfolders), sorted by name.
+def load_embeddings_dir(folder: str | Path, width: int | tuple[int, ...] | None = None) -> list[Embedding]:
+    """Every embedding in `folder` (its *.safetensors, *.pt and *.bin files, not its subfolders), sorted by name;
+    `width` as for load_embedding.
 
     A file that cannot be read stops the loading with that file's error, so that no embedding a prompt
     names goes missing unnoticed. Two files giving one trigger word (x.pt and x.safetensors, or names
@@ -179,9 +207,6 @@ def _find_vectors(path: Path, contents: object) -> tuple[object, str | None]:
         raise EmbeddingError(f"{path} holds a {type(contents).__name__}, where an embedding file holds a dict "
                              "(string_to_param, emb_params, or diffusers' {token: vectors}): it is not an "
                              "embedding file")
-    if "clip_l" in contents or "clip_g" in contents:
-        raise EmbeddingError(f"{path} is an SDXL embedding (vectors for clip_l and clip_g): SDXL embeddings need "
-                             "an SDXL checkpoint, which sd_scratch does not load yet")
     if "string_to_param" in contents:  # A1111's .pt
         params = contents["string_to_param"]
         params = getattr(params, "_parameters", params)  # the original code's nn.ParameterDict holds them there
@@ -203,6 +228,48 @@ def _find_vectors(path: Path, contents: object) -> tuple[object, str | None]:
                              "LoRA, not an embedding")
     raise EmbeddingError(f"{path} holds {len(keys)} entries ({listed}), where an embedding holds one tensor "
                          "(emb_params, string_to_param, or diffusers' one token): it is not an embedding file")
+
+
+def _check_one_set(path: Path, vectors: torch.Tensor, widths: tuple[int, ...] | None) -> None:
+    """An SD 1.x/2.x embedding's one set of vectors fits a model of one text encoder that wide."""
+    if widths is not None and len(widths) > 1:  # A1111 refuses these too: SDXL's encoders need a set each
+        family = TEXT_ENCODER_FAMILIES.get(vectors.shape[1], "a one-encoder model")
+        raise EmbeddingError(f"{path} holds one set of vectors, {vectors.shape[1]} wide (an embedding for {family}), "
+                             f"but this model has {len(widths)} text encoders, {_widths(widths)} wide: use an "
+                             "embedding made for SDXL (clip_l and clip_g)")
+    if widths is not None and vectors.shape[1] != widths[0]:
+        raise EmbeddingError(_width_mismatch(path, vectors.shape[1], widths[0]))
+
+
+def _sdxl_vectors(path: Path, contents: dict, widths: tuple[int, ...] | None
+                  ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """An SDXL file's vectors by width, {clip_l's: clip_l, clip_g's: clip_g}, and those of the model's first text
+    encoder; `widths`, the model's encoders' (None: any), checked. clip_l is CLIP ViT-L's, SDXL's first encoder,
+    clip_g OpenCLIP bigG's, its second and the refiner's only one: the key names them, the widths must agree."""
+    extra = sorted(map(str, set(contents) - {"clip_l", "clip_g"}))
+    if extra or "clip_l" not in contents or "clip_g" not in contents:
+        found = ", ".join(sorted(map(str, contents)))
+        raise EmbeddingError(f"{path} holds {found}, where an SDXL embedding holds clip_l and clip_g alone: it is "
+                             "damaged or not an embedding")
+    clip_l, clip_g = _as_vectors(path, contents["clip_l"]), _as_vectors(path, contents["clip_g"])
+    if len(clip_l) != len(clip_g):
+        raise EmbeddingError(f"{path} holds {len(clip_l)} vectors in clip_l but {len(clip_g)} in clip_g, where an "
+                             "SDXL embedding has as many for each text encoder: it is damaged")
+    if clip_l.shape[1] == clip_g.shape[1]:  # a width can then no longer tell the encoders apart
+        raise EmbeddingError(f"{path} holds clip_l and clip_g of one width, {clip_l.shape[1]}, where SDXL's two "
+                             "text encoders differ: it is damaged or not an SDXL embedding")
+    found = (clip_l.shape[1], clip_g.shape[1])
+    if widths is None or widths == found:
+        return {found[0]: clip_l, found[1]: clip_g}, clip_l
+    if widths == found[1:]:  # the refiner: bigG alone
+        return {found[0]: clip_l, found[1]: clip_g}, clip_g
+    if len(widths) == 1:  # A1111 refuses it too
+        family = TEXT_ENCODER_FAMILIES.get(widths[0], "a one-encoder model")
+        raise EmbeddingError(f"{path} is an SDXL embedding (clip_l and clip_g, {_widths(found)} wide), but this "
+                             f"model has one text encoder, {widths[0]} wide ({family}): use it with an SDXL model, "
+                             "or use an embedding made for this model")
+    raise EmbeddingError(f"{path} holds clip_l and clip_g {_widths(found)} wide, but this model's text encoders are "
+                         f"{_widths(widths)} wide: it was made for another model; use it with a model of its family")
 
 
 def _as_vectors(path: Path, tensor: object) -> torch.Tensor:
@@ -237,6 +304,10 @@ def _trigger_word(path: Path, stored_word: str | None) -> str:
         raise EmbeddingError(f"{path} gives the trigger word {word!r}, which cannot be typed in a prompt: rename "
                              f"the file to the word you want, e.g. my-style{path.suffix}")
     return word
+
+
+def _widths(widths) -> str:
+    return " and ".join(map(str, widths))
 
 
 def _width_mismatch(path: Path, found: int, expected: int) -> str:
