@@ -145,3 +145,61 @@ def pipeline_components(path, model, sample_size: int = 8) -> dict:
     tokenizer = CLIPTokenizer.from_pretrained(str(WEIGHTS_DIR), model_max_length=77, **padding)
     return dict(unet=unet_twin(original, model.unet.config, sample_size=sample_size),
                 vae=vae_twin(original, model.vae.config), text_encoder=clip, tokenizer=tokenizer)
+
+
+# --------------------------------------------------------------------------------------------------
+# SDXL (tests/test_sdxl.py): CLIP ViT-L under conditioner.embedders.0.transformer., OpenCLIP bigG under
+# conditioner.embedders.1.model. (the refiner's under conditioner.embedders.0.model.)
+
+def sdxl_clip_twin(original: dict[str, torch.Tensor], config: TextEncoderConfig) -> CLIPTextModel:
+    """transformers' CLIPTextModel holding the SDXL base's CLIP ViT-L of `original`, through diffusers'
+    convert_ldm_clip_checkpoint; every one of our tensors under the prefix used, every parameter filled."""
+    from sd_scratch.loading.single_file import SDXL_CLIP_PREFIX
+    converted = convert_ldm_clip_checkpoint(original)
+    converted = {k.removeprefix("text_model."): v for k, v in converted.items() if "position_ids" not in k}
+    clip = clip_reference(config)
+    assert len(converted) == len(_under(original, SDXL_CLIP_PREFIX)) == len(clip.state_dict())
+    clip.load_state_dict(converted, strict=True)
+    return clip
+
+
+def openclip_twin(original: dict[str, torch.Tensor], config: TextEncoderConfig, prefix: str):
+    """transformers' CLIPTextModelWithProjection holding the OpenCLIP tower (SDXL's bigG) under `prefix` of
+    `original`, through diffusers' convert_open_clip_checkpoint. Every tensor under the prefix but CLIP's
+    temperature `logit_scale` is used (each fused in_proj weight and bias cut in three), every parameter of
+    theirs filled."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextModelWithProjection
+    clip_config = transformers_clip_config(config)
+    clip_config.projection_dim = config.projection_dim
+    clip = CLIPTextModelWithProjection(clip_config).eval()
+    converted = convert_open_clip_checkpoint(clip, original, prefix=prefix)
+    names = set(clip.state_dict())  # transformers 5 may keep or drop the `text_model.` level: fit either
+    converted = {k if k in names else k.removeprefix("text_model."): v for k, v in converted.items()
+                 if "position_ids" not in k}
+    mine = _under(original, prefix)
+    assert len(converted) == len(mine) - 1 + 4 * config.layers, "convert_open_clip_checkpoint left tensors unused"
+    assert set(converted) == names, "convert_open_clip_checkpoint left parameters unfilled"
+    clip.load_state_dict(converted, strict=True)
+    return clip
+
+
+def sdxl_pipeline_components(original: dict[str, torch.Tensor], model, sample_size: int = 8) -> dict:
+    """diffusers' StableDiffusionXL(Img2Img)Pipeline components holding the SDXL base or refiner single file
+    whose tensors are `original` (`model`: our loading of it): every network through diffusers' converters;
+    the tokenizers ours as transformers' CLIPTokenizer, the second padding with "!" as OpenCLIP does."""
+    from transformers import CLIPTokenizer
+
+    from sd_scratch.loading.single_file import REFINER_OPENCLIP_PREFIX, SDXL_OPENCLIP_PREFIX
+    from sd_scratch.tokenizer import WEIGHTS_DIR
+    base = model.text_encoder is not None
+    components = dict(
+        unet=unet_twin(original, model.unet.config, sample_size=sample_size),
+        vae=vae_twin(original, model.vae.config),
+        text_encoder=sdxl_clip_twin(original, model.text_encoder.config) if base else None,
+        tokenizer=CLIPTokenizer.from_pretrained(str(WEIGHTS_DIR), model_max_length=77) if base else None,
+        text_encoder_2=openclip_twin(original, model.text_encoder_2.config,
+                                     SDXL_OPENCLIP_PREFIX if base else REFINER_OPENCLIP_PREFIX),
+        tokenizer_2=CLIPTokenizer.from_pretrained(str(WEIGHTS_DIR), model_max_length=77, pad_token="!"),
+    )
+    return components
