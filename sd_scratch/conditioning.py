@@ -29,7 +29,6 @@ textual-inversion embeddings put their learned vectors in place of their names, 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 

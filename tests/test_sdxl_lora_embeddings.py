@@ -13,21 +13,17 @@ import copy
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
-from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from reference_pipeline import reference_scheduler
 from sd_scratch.conditioning import FOURIER_FEATURES, encode_text
 from sd_scratch.loading import load_checkpoint
 from sd_scratch.loading.embeddings import EmbeddingError, load_embedding
-from sd_scratch.loading.single_file import SDXL_OPENCLIP_PREFIX
 from sd_scratch.lora import LoraError, apply_loras, load_lora, module_paths
 from sd_scratch.sample import generate
-from sd_scratch.tokenizer import WEIGHTS_DIR
 from sd_scratch.unet import timestep_embedding
 from small_models import small_sdxl, sdxl_single_file_tensors
-from twins import transformers_clip_config, unet_twin, vae_twin
+from twins import sdxl_pipeline_components
 
 RANK, ALPHA = 4, 2.0  # alpha != rank: the scale alpha / rank is 0.5
 PROMPT, NEGATIVE = "a red circle on a blue background", "blurry"
@@ -46,19 +42,7 @@ def one_thread():
 def sdxl_components(path, model) -> dict:
     """diffusers' SDXL pipeline components holding the single file at `path` (`model` is our loading of it), each
     network through diffusers' own converters, loaded strictly."""
-    original = load_file(str(path))
-    text_encoder = CLIPTextModel(transformers_clip_config(model.text_encoder.config)).eval()
-    text_encoder.load_state_dict({k.removeprefix("text_model."): v  # transformers 5 has no text_model level here
-                                  for k, v in convert_ldm_clip_checkpoint(original).items()}, strict=True)
-    config_2 = transformers_clip_config(model.text_encoder_2.config)
-    config_2.projection_dim = model.text_encoder_2.config.projection_dim
-    text_encoder_2 = CLIPTextModelWithProjection(config_2).eval()
-    text_encoder_2.load_state_dict(convert_open_clip_checkpoint(text_encoder_2, original, SDXL_OPENCLIP_PREFIX),
-                                   strict=True)
-    return dict(unet=unet_twin(original, model.unet.config, sample_size=8), vae=vae_twin(original, model.vae.config),
-                text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                tokenizer=CLIPTokenizer.from_pretrained(str(WEIGHTS_DIR), model_max_length=77),
-                tokenizer_2=CLIPTokenizer.from_pretrained(str(WEIGHTS_DIR), model_max_length=77, pad_token="!"))
+    return sdxl_pipeline_components(load_file(str(path)), model)
 
 
 @pytest.fixture(scope="module")
