@@ -479,7 +479,6 @@ def run(args, prompts: list[str]) -> int:
             mask = mask.resize((width, height), resample=Image.LANCZOS)
         soft_mask = mask_from_pil(mask, args.mask_blur, args.invert_mask)
 
-    speed = SpeedAndMemory(args.attention_slices, args.tiled_decode, args.compile)
     jobs = [prompt for _ in range(args.n_iter) for prompt in prompts]  # one batch each; image i uses seed + i
     one_bar = len(jobs) > 1  # many batches: one bar over them, not one per batch
     made, grid_parameters, applied = [], None, None
@@ -490,6 +489,9 @@ def run(args, prompts: list[str]) -> int:
             if applied is not None:
                 applied.remove()
             applied = apply_loras(model, wanted)
+        # The last batch frees each network once it is done with it (nothing runs after it in this process).
+        speed = SpeedAndMemory(args.attention_slices, args.tiled_decode, args.compile,
+                               free_when_done=job == len(jobs) - 1)
         result = generate(model, [prompt] * args.n_samples, args.negative_prompt, steps=args.steps,
                           guidance=guidance, sampler=args.sampler, spacing=args.spacing, karras=args.karras,
                           schedule_type=args.schedule, eta=args.eta, seed=args.seed + job * args.n_samples,

@@ -40,6 +40,7 @@ from sd_scratch.conditioning import SizeConditioning, schedule_conditioning
 from sd_scratch.images import binarise, parameters_text, save_png, to_pil
 from sd_scratch.images import paste_back as paste_images_back
 from sd_scratch.loading import StableDiffusion, release_weights
+from sd_scratch.loading.tensor_file import free_weights, weights_freed
 from sd_scratch.loading.embeddings import Embedding
 from sd_scratch.prompts import lora_tags
 from sd_scratch.vae import decode_tiled
@@ -52,11 +53,16 @@ class SpeedAndMemory:
     attention_slices: > 1 computes attention a slice of queries at a time (`UNet.set_attention_slices`).
     tiled_decode: decode in overlapping tiles (`vae.py`'s `decode_tiled`), for images too large to decode at once.
     compile_unet: run the UNet through torch.compile (a slow first step, then faster ones).
+    free_when_done: the last run of this model in the process: each network's weights are freed for good once
+        the run is done with it (the text encoders after the prompts, the UNet after the loop), copies included,
+        which the usual release (file pages only) cannot hand back. Weights cast from an fp16 file are copies:
+        this keeps a full-size SDXL run from holding 14 GB through its decode. The model cannot run again.
     """
 
     attention_slices: int = 1
     tiled_decode: bool = False
     compile_unet: bool = False
+    free_when_done: bool = False
 
 
 @dataclass
@@ -166,7 +172,7 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
                                        skip_last_layers=skip_last_layers, embeddings=embeddings).to(expert.dtype)
                  for expert in experts]
     for _, encoder in (pair for expert in experts for pair in expert.text_encoders):
-        release_weights(encoder)  # done with it: weights still in the file need no memory now
+        release(encoder, speed)  # done with it: weights still in the file need no memory now
 
     # 2. The sampler's walk down the noise levels (with a refiner: cut in two, the base's part first)
     plan = samplers.make_plan(sampler, steps, spacing=spacing, karras=karras, schedule_type=schedule_type, eta=eta,
@@ -185,8 +191,7 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
     latents = latents.to(model.dtype)
     if inpainting:  # the mask at latent size, 1 = repaint, and the latents of the picture with the hole made grey
         repaint, hole_latents = mask_latents(model, mask, init_image, generators, latents.shape[-2:])
-    if init_image is not None:
-        release_weights(model.vae.encoder)  # done with the encoder, as with the text encoder above
+    release(model.vae.encoder, speed)  # done with the encoder (or never needed it), as with the text encoder above
     # Inpainting: an inpainting UNet sees the mask; an ordinary one has the kept region put back after each step
     sees_mask, puts_back = inpainting and inpainting_unet(model), inpainting and not inpainting_unet(model)
     plans = [plan] if refiner is None else samplers.split_plan(plan, refiner_switch)
@@ -214,7 +219,7 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
             if puts_back:  # what is kept, put back at the noise level of the next call (clean after the last)
                 kept = samplers.add_noise(plan, clean, noise, i + 1).to(latents.dtype)
                 latents = (1 - repaint) * kept + repaint * latents
-        release_weights(expert.unet)
+        release(expert.unet, speed)
 
     # 5. Latents -> pixels -> PIL images, by the VAE of the model that took the last step
     images = latents_to_images(expert, latents, speed.tiled_decode)
@@ -376,8 +381,20 @@ def check_refiner(model: StableDiffusion, refiner: StableDiffusion | None, inpai
     return [model, refiner]
 
 
+def release(network, speed: SpeedAndMemory) -> None:
+    """Hand back the memory of a network the run is done with: its file pages (they are read again if needed),
+    or, on the run that is the model's last (speed.free_when_done), all of its weights."""
+    release_weights(network)
+    if speed.free_when_done:
+        free_weights(network)
+
+
 def prepare_unet(model: StableDiffusion, speed: SpeedAndMemory, inpainting: bool = False):
     """The UNet as the loop calls it: with the attention slicing asked for, compiled if asked."""
+    networks = [model.unet, model.vae, *(encoder for _, encoder in model.text_encoders)]
+    if any(weights_freed(network) for network in networks):
+        raise ValueError(f"the weights of {Path(model.source).name} were freed by a run with "
+                         "SpeedAndMemory(free_when_done=True): load the checkpoint again")
     check_unet_input(model, inpainting)
     model.unet.set_attention_slices(speed.attention_slices)
     return torch.compile(model.unet) if speed.compile_unet else model.unet

@@ -1,6 +1,8 @@
 """SDXL on the command line: base and refiner in one run, the size flags, the PNG's fields, and one-line errors
 (exit 2, nothing written) for the mistakes SDXL invites."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from sd_scratch.cli import main
 from sd_scratch.conditioning import SizeConditioning
 from sd_scratch.images import read_parameters
 from sd_scratch.loading import load_checkpoint, save_checkpoint
-from sd_scratch.sample import generate
+from sd_scratch.sample import SpeedAndMemory, generate
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +117,38 @@ def test_align_your_steps_walks_the_sdxl_table_on_sdxl(files):
     assert torch.allclose(plan.sigmas[:-1].double(), torch.from_numpy(expected), rtol=1e-5)
     sd15 = samplers.make_plan("euler", 10, schedule_type="ays")
     assert not torch.allclose(plan.sigmas, sd15.sigmas)
+
+
+def resident_file_bytes() -> int:
+    return int(open("/proc/self/status").read().split("RssFile:")[1].split()[0]) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="/proc/self/status is Linux's")
+def test_an_fp16_file_cast_to_fp32_leaves_none_of_its_pages_resident(files, tmp_path):
+    """Every tensor is read, cast and its pages handed back in turn, bigG's fused q, k, v too (they are cut from
+    the cast copy, not from a view of the file): after loading, the process holds the copies, not the file."""
+    tensors = sdxl_single_file_tensors(*small_sdxl(seed=0))
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, str(tmp_path / "h.safetensors"))
+    before = resident_file_bytes()
+    model = load_checkpoint(tmp_path / "h.safetensors", dtype=torch.float32)
+    file_bytes = (tmp_path / "h.safetensors").stat().st_size
+    assert resident_file_bytes() - before < 0.1 * file_bytes, "the file's pages stayed resident"  # bigG: 23%
+    q = model.text_encoder_2.text_model.encoder.layers[1].self_attn.q_proj.weight
+    fused = tensors["conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"]
+    assert torch.equal(q, fused[:q.shape[0]].half().float())
+    assert q.untyped_storage().nbytes() == q.nbytes  # a third of its own, not a view of the whole copy
+
+
+def test_a_last_run_frees_every_network_it_is_done_with(files):
+    """SpeedAndMemory(free_when_done=True), the command line's last batch: the same picture, the text encoders'
+    and the UNet's weights (copies here: the model is loaded in another dtype) freed, the model refused after."""
+    run = dict(steps=3, height=32, width=32, progress=False, seed=2)
+    expected = generate(load_checkpoint(files / "base.safetensors"), "a cat", **run).images
+    model = load_checkpoint(files / "base.safetensors")
+    freed = generate(model, "a cat", speed=SpeedAndMemory(free_when_done=True), **run).images
+    assert torch.equal(freed, expected)
+    for network in (model.text_encoder, model.text_encoder_2, model.unet, model.vae.encoder):
+        assert all(p.numel() == 0 for p in network.parameters())
+    assert all(p.numel() > 0 for p in model.vae.decoder.parameters())
+    with pytest.raises(ValueError, match="were freed by a run with SpeedAndMemory"):
+        generate(model, "a cat", **run)

@@ -88,14 +88,8 @@ def load_single_file(path: Path, device, dtype, prediction_type: str | None) -> 
             "merge LoRAs or other add-ons into the checkpoint first"
         )
 
-    def text_tensors(prefix, layout):  # OpenCLIP's: our name -> the tensor, renamed, q, k and v cut as views
-        if layout == "clip":
-            return None  # the names are ours: loaders() below reads them
-        return openclip_to_clip_keys({key[len(prefix):]: file.get(key) for key in keys
-                                      if key.startswith(prefix) and not IGNORED_KEYS.match(key)},
-                                     keep_projection=kind.startswith("SDXL"))
-
-    texts = {slot: (prefix, layout, text_tensors(prefix, layout)) for slot, prefix, layout in encoders}
+    keep_projection = kind.startswith("SDXL")  # SDXL reads bigG's pooled output
+    texts = {slot: (prefix, layout) for slot, prefix, layout in encoders}
     # Our configs: from the file's metadata, or, for the shipped tiny model's tensors saved without it,
     # from the shipped file's (its group norms and heads are in no tensor's shape, and are not SD's).
     stored = json.loads(file.metadata[METADATA_KEY]) if METADATA_KEY in file.metadata else shipped_configs_for(file)
@@ -110,8 +104,10 @@ def load_single_file(path: Path, device, dtype, prediction_type: str | None) -> 
         if kind.startswith("SDXL"):
             vae_config = dataclasses.replace(vae_config, scaling_factor=SDXL_SCALING_FACTOR)
         text_configs = {}
-        for slot, (prefix, layout, tensors) in texts.items():
-            found = _strip(shapes, prefix) if layout == "clip" else {k: t.to("meta") for k, t in tensors.items()}
+        for slot, (prefix, layout) in texts.items():
+            found = _strip(shapes, prefix)
+            if layout == "openclip":
+                found = openclip_to_clip_keys(found, keep_projection)
             text_configs[slot] = infer_text_encoder_config(found, "quick_gelu" if layout == "clip" else "gelu")
         if problems := misfits(unet_config, vae_config, *text_configs.values()):
             widths = " and ".join(str(c.width) for c in text_configs.values())
@@ -132,8 +128,9 @@ def load_single_file(path: Path, device, dtype, prediction_type: str | None) -> 
     unet = fill_strictly(build_empty(UNet, unet_config), "UNet", loaders(UNET_PREFIX), device, dtype, str(path), kind)
     vae = fill_strictly(build_empty(VAE, vae_config), "VAE", loaders(VAE_PREFIX), device, dtype, str(path), kind)
     text_encoders = {}
-    for slot, (prefix, layout, tensors) in texts.items():
-        tensor_loaders = loaders(prefix) if layout == "clip" else {name: (lambda t=t: t) for name, t in tensors.items()}
+    for slot, (prefix, layout) in texts.items():
+        tensor_loaders = loaders(prefix) if layout == "clip" else openclip_loaders(file, prefix, device, dtype,
+                                                                                  keep_projection)
         text_encoders[slot] = fill_strictly(build_empty(TextEncoder, text_configs[slot]), slot.replace("_", " "),
                                             tensor_loaders, device, dtype, str(path), kind)
 
@@ -244,23 +241,53 @@ def openclip_to_clip_keys(state_dict: dict[str, torch.Tensor], keep_projection: 
     as the matrix P of `x @ P`, (width, projection), and ours is a Linear, whose weight is P transposed.
     Keys we do not know pass through renamed as far as the table goes, so a strict load names them.
     """
+    return {ours: openclip_part(state_dict[theirs], part)
+            for ours, (theirs, part) in openclip_names(list(state_dict), keep_projection).items()}
+
+
+def openclip_names(keys: list[str], keep_projection: bool = False) -> dict[str, tuple[str, int | str | None]]:
+    """our name -> (OpenCLIP's name, part): part 0, 1 or 2 is q, k or v's third of a fused in_proj, "t" the
+    transposed projection, None the tensor as it is (openclip_to_clip_keys has the rules)."""
     ours = {}
-    for key, tensor in state_dict.items():
+    for key in keys:
         if key in OPENCLIP_UNUSED or (key == "text_projection" and not keep_projection):
             continue
         if key == "text_projection":
-            ours["text_projection.weight"] = tensor.t()
+            ours["text_projection.weight"] = (key, "t")
             continue
         name = key
         for old, new in OPENCLIP_RENAMES:
             name = name.replace(old, new)
         if ".attn.in_proj_" in name:  # e.g. encoder.layers.3.attn.in_proj_weight
             layer, kind = name.split(".attn.in_proj_")  # kind: "weight" or "bias"
-            for projection, third in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
-                ours[f"text_model.{layer}.self_attn.{projection}.{kind}"] = third
+            for third, projection in enumerate(("q_proj", "k_proj", "v_proj")):
+                ours[f"text_model.{layer}.self_attn.{projection}.{kind}"] = (key, third)
         else:
-            ours["text_model." + name] = tensor
+            ours["text_model." + name] = (key, None)
     return ours
+
+
+def openclip_part(tensor: torch.Tensor, part: int | str | None) -> torch.Tensor:
+    """The piece `part` of an OpenCLIP tensor (openclip_names), as a view."""
+    if part == "t":
+        return tensor.t()
+    return tensor if part is None else tensor.chunk(3, dim=0)[part]
+
+
+def openclip_loaders(file: TensorFile, prefix: str, device, dtype, keep_projection: bool) -> dict:
+    """our name -> a function reading its piece of the OpenCLIP tower under `prefix`: cut from a view of the file,
+    then cast and moved (so a third of a fused q, k, v is copied at its own size), and the file's pages of that
+    tensor handed back once a copy is made, as TensorFile.get hands them back for the other networks."""
+    keys = [key[len(prefix):] for key in file.keys if key.startswith(prefix) and not IGNORED_KEYS.match(key)]
+
+    def load(theirs, part):
+        piece = openclip_part(file.get(prefix + theirs), part).to(device=device, dtype=dtype)
+        if not file.holds(piece):
+            file.release(prefix + theirs)  # (a later third reads them again, from the OS's cache)
+        return piece
+
+    return {ours: (lambda theirs=theirs, part=part: load(theirs, part))
+            for ours, (theirs, part) in openclip_names(keys, keep_projection).items()}
 
 
 # --------------------------------------------------------------------------------------------------

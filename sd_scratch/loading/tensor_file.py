@@ -126,8 +126,15 @@ class TensorFile:
         target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
         result = tensor.to(device=device or tensor.device, dtype=target_dtype)
         if self._pickle is None and result.data_ptr() != tensor.data_ptr():
-            self._release(key)
+            self.release(key)
         return result
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor` is a view of this file's memory (read in place, not copied)."""
+        if self._pickle is not None:
+            return False
+        start = torch.frombuffer(self._map, dtype=torch.uint8, count=1).data_ptr()
+        return 0 <= tensor.untyped_storage().data_ptr() - start < len(self._map)
 
     def _view(self, key: str) -> torch.Tensor:
         entry = self._entries[key]
@@ -138,8 +145,10 @@ class TensorFile:
         return torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize,
                                 offset=self._data_start + begin).reshape(entry["shape"])
 
-    def _release(self, key: str) -> None:
-        if not hasattr(mmap, "MADV_DONTNEED"):
+    def release(self, key: str) -> None:
+        """Hand the pages of tensor `key` back to the OS (read again from the file if touched again): for a tensor
+        whose copy has been made."""
+        if self._pickle is not None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         begin, end = (self._data_start + offset for offset in self._entries[key]["data_offsets"])
         first_page = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the tensor's bytes
@@ -191,3 +200,17 @@ def release_weights(module: nn.Module) -> None:
                     mapping.madvise(MADV_PAGEOUT, first_page, end - first_page)
                 except OSError:  # EINVAL: a kernel before 5.4, without MADV_PAGEOUT
                     return
+
+
+def free_weights(module: nn.Module) -> None:
+    """Drop `module`'s weights for good: each becomes an empty tensor (the same Parameter, so that whatever refers
+    to it stays valid) and its memory, copied or mapped, goes back to the OS once nothing else holds it. For a run that is the last use of a network in this
+    process (the command line's last batch) when the weights are copies, a cast from the file's dtype, which
+    release_weights cannot hand back. The network cannot compute again: load the checkpoint again for that."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        tensor.data = tensor.new_empty(0)
+
+
+def weights_freed(module: nn.Module) -> bool:
+    """Whether free_weights dropped `module`'s weights."""
+    return any(tensor.numel() == 0 for tensor in module.parameters())
