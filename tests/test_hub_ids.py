@@ -122,10 +122,29 @@ def test_only_what_loading_reads_is_asked_for_and_fp16_first(monkeypatch, tmp_pa
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     assert from_hub("owner/sd", fp16=True) == tmp_path
     configs = ["unet/config.json", "vae/config.json", "text_encoder/config.json", "tokenizer/*",
-               "scheduler/scheduler_config.json"]
+               "text_encoder_2/config.json", "tokenizer_2/*", "scheduler/scheduler_config.json"]
     weights = ["unet/diffusion_pytorch_model{}.safetensors", "vae/diffusion_pytorch_model{}.safetensors",
-               "text_encoder/model{}.safetensors"]
+               "text_encoder/model{}.safetensors", "text_encoder_2/model{}.safetensors"]  # SDXL's second, if any
     assert asked == [configs + [w.format(".fp16") for w in weights], configs + [w.format("") for w in weights]]
+
+
+def test_an_sdxl_refiner_repository_without_text_encoder_is_complete(monkeypatch, tmp_path):
+    """SDXL's refiner has text_encoder_2/ alone: its snapshot is complete without text_encoder/; a repository
+    with neither is not."""
+    def snapshot_download(repo, allow_patterns, cache_dir, local_files_only):
+        for pattern in allow_patterns:
+            if "*" not in pattern and not pattern.startswith("text_encoder/") and (repo == "owner/refiner" or
+                                                                                 "text_encoder_2" not in pattern):
+                (tmp_path / repo / pattern).parent.mkdir(parents=True, exist_ok=True)
+                (tmp_path / repo / pattern).touch()
+        return str(tmp_path / repo)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    assert from_hub("owner/refiner") == tmp_path / "owner/refiner"
+    with pytest.raises(CheckpointError, match="gives no text_encoder/model.safetensors"):
+        from_hub("owner/broken")
 
 
 def test_a_path_on_disk_wins_over_an_id(models, offline_cache, tmp_path, monkeypatch):
