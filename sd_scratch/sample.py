@@ -40,8 +40,8 @@ from sd_scratch.conditioning import SizeConditioning, schedule_conditioning
 from sd_scratch.images import binarise, parameters_text, save_png, to_pil
 from sd_scratch.images import paste_back as paste_images_back
 from sd_scratch.loading import StableDiffusion, release_weights
-from sd_scratch.loading.tensor_file import free_weights, weights_freed
 from sd_scratch.loading.embeddings import Embedding
+from sd_scratch.loading.tensor_file import free_weights, weights_freed
 from sd_scratch.prompts import lora_tags
 from sd_scratch.vae import decode_tiled
 

@@ -216,7 +216,7 @@ def split_plan(plan: Plan, switch: float) -> tuple[Plan, Plan]:
     if isinstance(switch, bool) or not isinstance(switch, (int, float)) or not 0 < switch < 1:
         raise ValueError(f"the refiner's switch must be a fraction in (0, 1), got {switch!r}")
     T = len(plan.alphas_cumprod)
-    cutoff = int(round(T - switch * T))
+    cutoff = round(T - switch * T)
     calls = range(len(plan.timesteps))
     first_call_of_step = {}
     for i in calls:

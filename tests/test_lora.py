@@ -261,8 +261,8 @@ def test_files_for_other_models_and_other_adapters_are_refused(pairs, tmp_path):
     cases = {
         "sdxl": ({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(4, 64),
                   "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(64, 4)},
-                 "is a LoRA for SDXL \\(it changes two text encoders\\), and this model is SD 1.x: use a LoRA made "
-                 "for SD 1.x"),
+                 ("is a LoRA for SDXL \\(it changes two text encoders\\), and this model is SD 1.x: use a LoRA made "
+                  "for SD 1.x")),
         "sdxl unet only": ({"lora_unet_label_emb_0_0.lora_down.weight": torch.zeros(4, 2816),
                             "lora_unet_label_emb_0_0.lora_up.weight": torch.zeros(1280, 4)},
                            "is a LoRA for SDXL \\(it changes the label_emb"),
@@ -272,8 +272,8 @@ def test_files_for_other_models_and_other_adapters_are_refused(pairs, tmp_path):
         "wrong shape": ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight":
                          torch.zeros(4, 1024),
                          "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight":
-                         torch.zeros(32, 4)}, "another kind of model: its cross-attention reads a context 1024 wide, "
-                                             "as SD 2.x's does"),
+                         torch.zeros(32, 4)}, ("another kind of model: its cross-attention reads a context 1024 "
+                                               "wide, as SD 2.x's does")),
         "dora": ({**good, "lora_unet_down_blocks_0_resnets_0_conv1.dora_scale": torch.ones(32, 1, 1, 1)}, "DoRA"),
         "loha": ({"lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a": torch.ones(32, 4)}, "LoHa"),
         "stray key": ({**good, "something_else": torch.ones(1)}, "not parts of a LoRA layer"),

@@ -184,7 +184,7 @@ def test_refiner_networks_and_vector_equal_diffusers_and_transformers(refiner):
 def test_diffusers_converters_use_every_tensor_of_our_file_and_fill_every_parameter(base, refiner, which):
     found = base if which == "base" else refiner
     tensors, model = found.tensors, found.model
-    under = lambda prefix: {k: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
+    under = lambda prefix: {k: v for k, v in tensors.items() if k.startswith(prefix)}
     used = set()
 
     def check(name, converted, mine, reference):
