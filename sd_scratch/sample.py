@@ -26,6 +26,7 @@ if __name__ == "__main__":  # python -m sd_scratch.sample: the command line (cli
     sys.exit(main())
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from sd_scratch.images import paste_back as paste_images_back
 from sd_scratch.loading import StableDiffusion, release_weights
 from sd_scratch.loading.embeddings import Embedding
 from sd_scratch.loading.tensor_file import free_weights, weights_freed
+from sd_scratch.preview import latent_to_rgb_for
 from sd_scratch.prompts import lora_tags
 from sd_scratch.vae import decode_tiled
 
@@ -112,6 +114,16 @@ def latents_to_images(model: StableDiffusion, latents: torch.Tensor, tiled: bool
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
+def preview_images(model: StableDiffusion, latents: torch.Tensor, preview="vae", tiled: bool = False) -> torch.Tensor:
+    """Latents -> (B, 3, H, W) in [0, 1], for a look along the way: by the VAE ("vae"), the family's linear map
+    ("approx"), or a TAESD network (anything with images_from_latents, giving [-1, 1] as the VAE does)."""
+    if preview == "vae":
+        return latents_to_images(model, latents, tiled)
+    if preview == "approx":
+        return latent_to_rgb_for(model)(latents, model.vae.config.downsampling_factor)
+    return (preview.images_from_latents(latents).float() / 2 + 0.5).clamp(0, 1)
+
+
 def images_to_latents(model: StableDiffusion, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """Image-to-image's start: encode each image, sample its posterior with that image's generator (float32)."""
     vae = model.vae
@@ -127,6 +139,7 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
              strength: float | None = None, mask: torch.Tensor | None = None, paste_back: bool = False,
              embeddings: list[Embedding] = (), sizes: SizeConditioning | None = None,
              refiner: StableDiffusion | None = None, refiner_switch: float = 0.8, preview_every: int = 0,
+             preview="vae", on_preview: Callable[[int, torch.Tensor], None] | None = None,
              speed: SpeedAndMemory = SpeedAndMemory(), progress: bool = True) -> Generation:
     """Images for `prompts` (one image per prompt; image i uses seed + i).
 
@@ -145,7 +158,10 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
     sizes: SDXL's size (and the refiner's aesthetic) conditioning; None: SizeConditioning.for_size(height, width).
     refiner: an SDXL refiner that takes the latents over for the steps after `refiner_switch` of the way (0.8: the
         last 20% of the noise levels), with its own conditioning (samplers.split_plan).
-    preview_every: if > 0, also decode the predicted clean image every that many UNet calls.
+    preview_every: if > 0, also make a picture of the predicted clean image every that many UNet calls, by
+        `preview`: "vae" (the full decode), "approx" (a linear map of the latent channels, preview.py: under a
+        millisecond) or a TAESD network (taesd.py); `on_preview(call, images)` is called with each, e.g. by a
+        notebook that shows the picture forming.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     check_lora_tags(model, prompts)
@@ -214,7 +230,9 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
                 noise_uncond, noise_pred = None, unet(model_input, t, conditioning.context, conditioning.vector)
             if preview_every and (i + 1) % preview_every == 0:
                 x0 = samplers.predicted_x0(plan, i, latents, noise_pred)
-                previews.append(latents_to_images(expert, x0, speed.tiled_decode))
+                previews.append(preview_images(expert, x0, preview, speed.tiled_decode))
+                if on_preview is not None:
+                    on_preview(i, previews[-1])  # e.g. a notebook's live view
             latents, state = samplers.step(plan, i, latents, noise_pred, state, generators, noise_uncond)
             if puts_back:  # what is kept, put back at the noise level of the next call (clean after the last)
                 kept = samplers.add_noise(plan, clean, noise, i + 1).to(latents.dtype)
