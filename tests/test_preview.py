@@ -55,8 +55,8 @@ def test_approx_previews_reach_the_callback_and_leave_the_picture_unchanged():
     assert seen[-1][1].shape == plain.images.shape
     assert latent_to_rgb_for(model) is TINY_LATENT_TO_RGB
     # the last call's x0 is where dpmpp_2m's last step lands (sigma 0): its map shows the final picture, muted
-    # (R^2 0.73) but with most blocks' strongest colour the decode's (measured: 97% to 100% here; 80% for a yellow
-    # triangle on purple, whose yellow the muted map often shows as red)
+    # (R^2 0.73) but with most blocks' strongest colour the decode's (measured: 97% to 100% here; about 80% for a
+    # yellow triangle on purple)
     strongest = F.avg_pool2d(plain.images, 4).argmax(dim=1)
     agree = (F.avg_pool2d(seen[-1][1], 4).argmax(dim=1) == strongest).float().mean().item()
     assert agree > 0.9, agree
