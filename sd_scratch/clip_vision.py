@@ -32,11 +32,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from sd_scratch.text_encoder import MLP  # the text tower's MLP: same layers, same activations
+# The text tower's layers without its causal mask: VisionConfig names width, heads, mlp_width, activation and
+# layer_norm_eps as TextEncoderConfig does
+from sd_scratch.text_encoder import EncoderLayer
 
 
 @dataclass(frozen=True)
@@ -78,42 +79,6 @@ class Embeddings(nn.Module):
         return x + self.position_embedding.weight
 
 
-class SelfAttention(nn.Module):
-    """text_encoder.SelfAttention without the causal mask."""
-
-    def __init__(self, config: VisionConfig):
-        super().__init__()
-        self.heads = config.heads
-        self.q_proj = nn.Linear(config.width, config.width)
-        self.k_proj = nn.Linear(config.width, config.width)
-        self.v_proj = nn.Linear(config.width, config.width)
-        self.out_proj = nn.Linear(config.width, config.width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-
-        def split_heads(t):  # (B, T, C) -> (B, heads, T, C // heads)
-            return t.view(B, T, self.heads, C // self.heads).transpose(1, 2)
-
-        q, k, v = split_heads(self.q_proj(x)), split_heads(self.k_proj(x)), split_heads(self.v_proj(x))
-        y = F.scaled_dot_product_attention(q, k, v)  # every token sees every token
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class EncoderLayer(nn.Module):
-    def __init__(self, config: VisionConfig):
-        super().__init__()
-        self.layer_norm1 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-        self.self_attn = SelfAttention(config)
-        self.layer_norm2 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-        self.mlp = MLP(config)  # reads width, mlp_width and activation, which VisionConfig names as the text config
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        x = x + self.mlp(self.layer_norm2(x))
-        return x
-
-
 class VisionTower(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -122,7 +87,8 @@ class VisionTower(nn.Module):
         self.vision_model = nn.ModuleDict(dict(
             embeddings=Embeddings(config),
             pre_layrnorm=nn.LayerNorm(config.width, eps=config.layer_norm_eps),
-            encoder=nn.ModuleDict(dict(layers=nn.ModuleList(EncoderLayer(config) for _ in range(config.layers)))),
+            encoder=nn.ModuleDict(dict(layers=nn.ModuleList(EncoderLayer(config, causal=False)
+                                                            for _ in range(config.layers)))),
             post_layernorm=nn.LayerNorm(config.width, eps=config.layer_norm_eps),
         ))
         if config.projection_dim is not None:

@@ -62,9 +62,13 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, config: TextEncoderConfig):
+    """causal: each token sees only itself and the tokens before it (the text tower); False: every token sees every
+    token (CLIP's vision tower, clip_vision.py, which also builds on these layers)."""
+
+    def __init__(self, config: TextEncoderConfig, causal: bool = True):
         super().__init__()
         self.heads = config.heads
+        self.causal = causal
         self.q_proj = nn.Linear(config.width, config.width)
         self.k_proj = nn.Linear(config.width, config.width)
         self.v_proj = nn.Linear(config.width, config.width)
@@ -80,7 +84,7 @@ class SelfAttention(nn.Module):
         # softmax(q k^T / sqrt(head_dim)) v, each token seeing only itself and the tokens before it.
         # No padding mask: SD lets the real tokens ignore the padding through causality alone, and
         # the padding positions attend to the prompt, which is what the UNet was trained with.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -96,10 +100,10 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, config: TextEncoderConfig):
+    def __init__(self, config: TextEncoderConfig, causal: bool = True):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
-        self.self_attn = SelfAttention(config)
+        self.self_attn = SelfAttention(config, causal)
         self.layer_norm2 = nn.LayerNorm(config.width, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
