@@ -15,7 +15,8 @@ from transformers import CLIPConfig
 
 from sd_scratch.clip_vision import preprocess, preprocessing_from_config
 from sd_scratch.loading.model import CheckpointError
-from sd_scratch.safety_checker import black_out, blacked_out_message, load_safety_checker
+from sd_scratch.loading.safety_checker_file import load_safety_checker
+from sd_scratch.safety_checker import black_out, blacked_out_message
 
 try:  # transformers 5: CLIPImageProcessor is the torchvision one, its PIL twin has its own name
     from transformers import CLIPImageProcessorPil

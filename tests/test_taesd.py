@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from small_models import randomize
 
 from sd_scratch.loading import CheckpointError, load_checkpoint
-from sd_scratch.taesd import TAESD, TAESDConfig, load_taesd, save_taesd
+from sd_scratch.loading.taesd_file import load_taesd, save_taesd
+from sd_scratch.taesd import TAESD, TAESDConfig
 from sd_scratch.tiny.train_taesd import OUTPUT, picture_latents, psnr, teacher
 
 # The published layout of taesd / taesdxl, and a small one with the tiny model's two upsamples (factor 4).

@@ -12,6 +12,8 @@ The modules of this package, one job each:
     strict.py           building a network empty and filling every tensor, naming any gap
     model.py            StableDiffusion, what loading gives, and CheckpointError
     vae_file.py         a VAE from a file of its own, in place of the checkpoint's (--vae)
+    taesd_file.py       TAESD, the tiny preview autoencoder, in each layout it is published in
+    safety_checker_file.py  the safety checker of a diffusers SD 1.x folder (safety_checker/, feature_extractor/)
     hub.py              Hugging Face ids (OWNER/NAME, OWNER/NAME/FILE.safetensors): the cache, or a download
 
 Tensors are read from the file one at a time, straight into the model's parameters (cast to the

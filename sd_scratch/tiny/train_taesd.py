@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 from sd_scratch.loading import load_checkpoint
+from sd_scratch.loading.taesd_file import save_taesd
 from sd_scratch.sample import generate
-from sd_scratch.taesd import TAESD, TAESDConfig, save_taesd
+from sd_scratch.taesd import TAESD, TAESDConfig
 from sd_scratch.tiny.dataset import make_dataset
 from sd_scratch.tiny.train import Progress, learning_rate
 from sd_scratch.tokenizer import WEIGHTS_DIR
