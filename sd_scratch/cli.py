@@ -154,6 +154,20 @@ def build_parser() -> ArgumentParser:
                         "prompt's (default: 6 2.5)")
     p.add_argument("--save-intermediates", type=int, default=0, metavar="K",
                    help="also save a strip of the predicted clean image every K steps")
+    p.add_argument("--preview", nargs="+", metavar=("KIND", "PATH"),
+                   help="how --save-intermediates draws its pictures: vae (the full decode; default), approx (a "
+                        "linear map of the latent channels: instant, blurry) or taesd PATH (a TAESD: "
+                        "taesd_decoder.safetensors, taesdxl_ for SDXL, or an AutoencoderTiny folder; without PATH, "
+                        "the shipped tiny model's own)")
+    p.add_argument("--vae-decoder", nargs="+", metavar=("KIND", "PATH"),
+                   help="what decodes the final pictures: vae (default) or taesd PATH (a TAESD, as for --preview: "
+                        "much faster, less detail; for drafts)")
+    p.add_argument("--safety-checker", type=Path, metavar="PATH",
+                   help="check each picture with the safety checker of this diffusers SD 1.x folder (or its "
+                        "safety_checker/ folder) and save what it flags black; on by default when --checkpoint is a "
+                        "folder that has one")
+    p.add_argument("--no-safety-checker", action="store_true",
+                   help="do not run the safety checker of the checkpoint's folder")
     p.add_argument("--attention-slices", type=int, default=1, metavar="N",
                    help="compute attention N slices of queries at a time: same images, less memory (default: 1, off)")
     p.add_argument("--tiled-decode", action="store_true",
@@ -255,6 +269,7 @@ def check_arguments(args) -> list[str]:
         raise UsageError(f"--clip-skip must not be negative, got {args.clip_skip}")
     if args.save_intermediates < 0:
         raise UsageError("--save-intermediates must be 0 (off) or a positive number of steps")
+    check_decoder_arguments(args)
     if args.attention_slices < 1:
         raise UsageError(f"--attention-slices must be at least 1 (1 is off), got {args.attention_slices}")
     for path in args.embedding:
@@ -315,6 +330,36 @@ def check_inpainting_arguments(args) -> None:
                                  f"{image.size[0]}x{image.size[1]}: draw the mask on the picture's own size")
     except (OSError, UnidentifiedImageError) as error:
         raise UsageError(f"cannot read mask {args.mask}: {error}")
+
+
+def decoder_argument(values: list[str] | None, flag: str, kinds: tuple[str, ...]) -> tuple[str, Path | None]:
+    """--preview / --vae-decoder KIND [PATH] -> (KIND, PATH or None): only taesd takes a path, and it must exist."""
+    if values is None:
+        return "vae", None
+    kind, paths = values[0].lower(), values[1:]
+    if kind not in kinds:
+        raise UsageError(f"{flag} takes {' or '.join(kinds)}, not {values[0]!r}")
+    if kind != "taesd" and paths:
+        raise UsageError(f"{flag} {kind} takes no path (only taesd does)")
+    if len(paths) > 1:
+        raise UsageError(f"{flag} taesd takes one path, the TAESD file or folder; got {len(paths)}")
+    if paths and not Path(paths[0]).exists():
+        raise UsageError(f"TAESD not found: {paths[0]}")
+    return kind, Path(paths[0]) if paths else None
+
+
+def check_decoder_arguments(args) -> None:
+    """--preview, --vae-decoder and the safety checker's flags, read before torch."""
+    if args.preview is not None and not args.save_intermediates:
+        raise UsageError("--preview says how --save-intermediates K draws its pictures: give --save-intermediates too")
+    args.preview = decoder_argument(args.preview, "--preview", ("vae", "approx", "taesd"))
+    args.vae_decoder = decoder_argument(args.vae_decoder, "--vae-decoder", ("vae", "taesd"))
+    if args.safety_checker is not None:
+        if args.no_safety_checker:
+            raise UsageError("give --safety-checker or --no-safety-checker, not both")
+        if not args.safety_checker.is_dir():
+            raise UsageError(f"safety checker not found: {args.safety_checker} is not a folder; give a diffusers "
+                             "SD 1.x folder (with safety_checker/ and feature_extractor/) or its safety_checker/")
 
 
 def check_sdxl_arguments(args) -> None:
@@ -464,6 +509,8 @@ def run(args, prompts: list[str]) -> int:
         guided = guidance > 1 or samplers.needs_unconditional(args.sampler)
         check_memory(model, args.n_samples, height, width, guided, args.tiled_decode, device)
     refiner = read_refiner(args, model, device, dtype)
+    preview, decoder = read_decoders(args, model, device, dtype)
+    safety_checker = read_safety_checker(args, device, dtype)
     sizes = size_conditioning(args, model, refiner, height, width)
     skip = model.skip_last_layers if args.clip_skip is None else args.clip_skip
     layers = min(encoder.config.layers for _, encoder in model.text_encoders)
@@ -492,30 +539,87 @@ def run(args, prompts: list[str]) -> int:
         # The last batch frees each network once it is done with it (nothing runs after it in this process).
         speed = SpeedAndMemory(args.attention_slices, args.tiled_decode, args.compile,
                                free_when_done=job == len(jobs) - 1)
-        result = generate(model, [prompt] * args.n_samples, args.negative_prompt, steps=args.steps,
-                          guidance=guidance, sampler=args.sampler, spacing=args.spacing, karras=args.karras,
-                          schedule_type=args.schedule, eta=args.eta, seed=args.seed + job * args.n_samples,
-                          height=height, width=width,
-                          skip_last_layers=args.clip_skip, init_image=init_image, strength=args.strength,
-                          mask=soft_mask, paste_back=args.paste_back, embeddings=embeddings, sizes=sizes,
-                          refiner=refiner, refiner_switch=args.refiner_switch or 0.8,
-                          preview_every=args.save_intermediates, speed=speed,
-                          progress=not one_bar)
+        with warnings.catch_warnings():  # the safety checker's warning: said below, naming the file instead
+            warnings.filterwarnings("ignore", message="the safety checker found")
+            result = generate(model, [prompt] * args.n_samples, args.negative_prompt, steps=args.steps,
+                              guidance=guidance, sampler=args.sampler, spacing=args.spacing, karras=args.karras,
+                              schedule_type=args.schedule, eta=args.eta, seed=args.seed + job * args.n_samples,
+                              height=height, width=width,
+                              skip_last_layers=args.clip_skip, init_image=init_image, strength=args.strength,
+                              mask=soft_mask, paste_back=args.paste_back, embeddings=embeddings, sizes=sizes,
+                              refiner=refiner, refiner_switch=args.refiner_switch or 0.8,
+                              preview_every=args.save_intermediates, preview=preview, decoder=decoder,
+                              safety_checker=safety_checker, speed=speed, progress=not one_bar)
         for i, (image, parameters) in enumerate(zip(result.pil_images, result.parameters)):
             path = save_numbered(image, args.outdir, "sample", parameters)
             made.append(image)
             grid_parameters = grid_parameters or parameters  # the grid carries its first image's, as A1111's
             tqdm.write(str(path), file=sys.stdout)
+            if i in result.flagged:
+                tqdm.write(f"warning: the safety checker flagged {path.name} as potential NSFW content: it was saved "
+                           "black; try another prompt or seed", file=sys.stderr)
             if result.previews:
-                strip = grid([to_pil(preview[i:i + 1])[0] for preview in result.previews] + [image],
-                             columns=len(result.previews) + 1)
+                previews = [to_pil(preview[i:i + 1])[0] for preview in result.previews]
+                if i in result.flagged:  # the checker saw only the final picture: the steps to it are not shown
+                    previews = [Image.new("RGB", preview.size) for preview in previews]
+                strip = grid(previews + [image], columns=len(result.previews) + 1)
                 strip_parameters = f"{parameters}, Preview every: {args.save_intermediates} steps"
+                if preview != "vae":
+                    strip_parameters += f", Preview: {getattr(preview, 'name', preview)}"
                 tqdm.write(str(save_png(strip, path.with_name(path.stem + "-steps.png"), strip_parameters)),
                            file=sys.stdout)
     if args.grid and len(made) > 1:
         print(save_numbered(grid(made, columns=args.n_samples), args.outdir, "grid", grid_parameters))
     applied.remove()
     return 0
+
+
+def read_decoders(args, model, device, dtype):
+    """What draws the previews and what decodes the final pictures: "vae", "approx" or a TAESD, loaded once if
+    both name the same file, checked against the model's latents."""
+    from sd_scratch.loading import CheckpointError
+    from sd_scratch.loading.single_file import DEFAULT_CHECKPOINT
+    from sd_scratch.loading.taesd_file import TINY_TAESD, load_taesd
+
+    loaded = {}
+
+    def read(flag: str, kind: str, path: Path | None):
+        if kind != "taesd":
+            return kind
+        if path is None:
+            if Path(model.source).resolve() != DEFAULT_CHECKPOINT.resolve():
+                raise UsageError(f"{flag} taesd needs the TAESD file for {Path(model.source).name}: e.g. {flag} taesd "
+                                 "taesd_decoder.safetensors (taesdxl_decoder for SDXL), from github.com/madebyollin/"
+                                 "taesd or the hub's madebyollin/taesd")
+            path = TINY_TAESD  # the shipped tiny model's own TAESD
+        if path.resolve() not in loaded:
+            try:
+                loaded[path.resolve()] = load_taesd(path, model.vae.config.latent_channels,
+                                                    model.vae.config.downsampling_factor, device, dtype)
+            except CheckpointError as error:
+                raise UsageError(f"{flag}: {error}")
+        return loaded[path.resolve()]
+
+    return read("--preview", *args.preview), read("--vae-decoder", *args.vae_decoder)
+
+
+def read_safety_checker(args, device, dtype):
+    """The safety checker of --safety-checker, or of the checkpoint's folder when it has one (unless
+    --no-safety-checker), or None."""
+    from sd_scratch.loading import CheckpointError
+    from sd_scratch.loading.safety_checker_file import load_safety_checker
+
+    path = args.safety_checker
+    folder = Path(args.checkpoint) if args.checkpoint is not None else None
+    if path is None and not args.no_safety_checker and folder is not None and (folder / "safety_checker").is_dir():
+        path = folder
+    if path is None:
+        return None
+    try:
+        return load_safety_checker(path, device, dtype)
+    except CheckpointError as error:
+        turn_off = "" if args.safety_checker is not None else " (or run without it: --no-safety-checker)"
+        raise UsageError(f"safety checker: {error}{turn_off}")
 
 
 def read_refiner(args, model, device, dtype):

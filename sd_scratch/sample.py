@@ -45,6 +45,7 @@ from sd_scratch.loading.embeddings import Embedding
 from sd_scratch.loading.tensor_file import free_weights, weights_freed
 from sd_scratch.preview import latent_to_rgb_for
 from sd_scratch.prompts import lora_tags
+from sd_scratch.safety_checker import SafetyChecker, black_out, blacked_out_message
 from sd_scratch.vae import decode_tiled
 
 
@@ -73,6 +74,7 @@ class Generation:
     pil_images: list[Image.Image]  # the same, 8 bits per channel, ready to show or save
     parameters: list[str]  # each image's prompt and settings, as image browsers read them (images.parameters_text)
     previews: list[torch.Tensor] = field(default_factory=list)  # (B, 3, H, W) predicted clean images along the way
+    flagged: list[int] = field(default_factory=list)  # the images the safety checker blacked out (by index)
 
     def save(self, i: int, path: str | Path) -> Path:
         """Image i as a PNG carrying its parameters; an existing file is never overwritten."""
@@ -114,14 +116,17 @@ def latents_to_images(model: StableDiffusion, latents: torch.Tensor, tiled: bool
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
-def preview_images(model: StableDiffusion, latents: torch.Tensor, preview="vae", tiled: bool = False) -> torch.Tensor:
-    """Latents -> (B, 3, H, W) in [0, 1], for a look along the way: by the VAE ("vae"), the family's linear map
-    ("approx"), or a TAESD network (anything with images_from_latents, giving [-1, 1] as the VAE does)."""
-    if preview == "vae":
+def decode_with(model: StableDiffusion, latents: torch.Tensor, decoder="vae", tiled: bool = False) -> torch.Tensor:
+    """Latents -> (B, 3, H, W) in [0, 1] by the VAE ("vae"), the family's linear map ("approx": a preview's, too
+    coarse for a final picture), or a TAESD network (taesd.py: anything with images_from_latents, which takes the
+    scaled latents and gives [-1, 1] as the VAE does)."""
+    if decoder == "vae":
         return latents_to_images(model, latents, tiled)
-    if preview == "approx":
+    if decoder == "approx":
         return latent_to_rgb_for(model)(latents, model.vae.config.downsampling_factor)
-    return (preview.images_from_latents(latents).float() / 2 + 0.5).clamp(0, 1)
+    weight = next(decoder.parameters())
+    images = decoder.images_from_latents(latents.to(weight.device, weight.dtype))
+    return (images.float() / 2 + 0.5).clamp(0, 1).to(latents.device)
 
 
 def images_to_latents(model: StableDiffusion, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
@@ -139,8 +144,9 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
              strength: float | None = None, mask: torch.Tensor | None = None, paste_back: bool = False,
              embeddings: list[Embedding] = (), sizes: SizeConditioning | None = None,
              refiner: StableDiffusion | None = None, refiner_switch: float = 0.8, preview_every: int = 0,
-             preview="vae", on_preview: Callable[[int, torch.Tensor], None] | None = None,
-             speed: SpeedAndMemory = SpeedAndMemory(), progress: bool = True) -> Generation:
+             preview="vae", on_preview: Callable[[int, torch.Tensor], None] | None = None, decoder="vae",
+             safety_checker: SafetyChecker | None = None, speed: SpeedAndMemory = SpeedAndMemory(),
+             progress: bool = True) -> Generation:
     """Images for `prompts` (one image per prompt; image i uses seed + i).
 
     Prompts are read in AUTOMATIC1111's syntax: (emphasis:1.2), [less], BREAK, any length, prompt editing
@@ -162,6 +168,9 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
         `preview`: "vae" (the full decode), "approx" (a linear map of the latent channels, preview.py: under a
         millisecond) or a TAESD network (taesd.py); `on_preview(call, images)` is called with each, e.g. by a
         notebook that shows the picture forming.
+    decoder: what makes the final picture: "vae", or a TAESD (faster, coarser: for drafts).
+    safety_checker: if given (loading.safety_checker_file.load_safety_checker), images it flags are blacked out,
+        with a warning, as diffusers' SD 1.x pipelines do; `Generation.flagged` and their parameters say which.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     check_lora_tags(model, prompts)
@@ -230,7 +239,7 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
                 noise_uncond, noise_pred = None, unet(model_input, t, conditioning.context, conditioning.vector)
             if preview_every and (i + 1) % preview_every == 0:
                 x0 = samplers.predicted_x0(plan, i, latents, noise_pred)
-                previews.append(preview_images(expert, x0, preview, speed.tiled_decode))
+                previews.append(decode_with(expert, x0, preview, speed.tiled_decode))
                 if on_preview is not None:
                     on_preview(i, previews[-1])  # e.g. a notebook's live view
             latents, state = samplers.step(plan, i, latents, noise_pred, state, generators, noise_uncond)
@@ -239,17 +248,23 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
                 latents = (1 - repaint) * kept + repaint * latents
         release(expert.unet, speed)
 
-    # 5. Latents -> pixels -> PIL images, by the VAE of the model that took the last step
-    images = latents_to_images(expert, latents, speed.tiled_decode)
+    # 5. Latents -> pixels -> PIL images, by the VAE of the model that took the last step (or a TAESD)
+    images = decode_with(expert, latents, decoder, speed.tiled_decode)
     if paste_back:  # the original pixels outside the (soft) mask, as AUTOMATIC1111 does by default
         images = paste_images_back(init_image / 2 + 0.5, images, mask)
+    flagged = []
+    if safety_checker is not None:  # what the checker flags is made black, as diffusers' pipelines do
+        images, flagged = black_out(images, safety_checker.check(images))
+        if flagged:
+            warnings.warn(blacked_out_message(flagged, len(images)), stacklevel=3)
     used = {name for schedule in schedules for name in schedule.embeddings_used}
     settings = dict(steps=steps, guidance=guidance, sampler=sampler, spacing=spacing, schedule_type=plan.schedule_type,
                     eta=eta, height=height, width=width, skip_last_layers=skip_last_layers,
                     strength=None if init_image is None else strength, paste_back=paste_back,
                     embeddings=[e for e in embeddings if e.name in used], sizes=sizes if model.is_sdxl else None,
-                    refiner=refiner, refiner_switch=refiner_switch)
-    return Generation(images, to_pil(images), describe(model, prompts, negative_prompt, seed, **settings), previews)
+                    refiner=refiner, refiner_switch=refiner_switch, decoder=decoder, flagged=flagged)
+    parameters = describe(model, prompts, negative_prompt, seed, **settings)
+    return Generation(images, to_pil(images), parameters, previews, flagged)
 
 
 # The schedule types as AUTOMATIC1111's "Schedule type" field names them ("spaced", the default, is left out).
@@ -260,7 +275,8 @@ SCHEDULE_LABELS = {"karras": "Karras", "exponential": "Exponential", "beta": "Be
 def describe(model: StableDiffusion, prompts: list[str], negative_prompt: str, seed: int, *, steps, guidance,
              sampler, spacing, schedule_type, eta, height, width, skip_last_layers, strength,
              paste_back=False, embeddings=(), sizes: SizeConditioning | None = None,
-             refiner: StableDiffusion | None = None, refiner_switch: float = 0.8) -> list[str]:
+             refiner: StableDiffusion | None = None, refiner_switch: float = 0.8, decoder="vae",
+             flagged: list[int] = ()) -> list[str]:
     """Each image's `parameters` text: its prompt and what made it, in AUTOMATIC1111's names."""
     skip = model.skip_last_layers if skip_last_layers is None else skip_last_layers
     settings = {"Steps": steps, "Sampler": samplers.SAMPLERS[sampler].label}
@@ -287,8 +303,15 @@ def describe(model: StableDiffusion, prompts: list[str], negative_prompt: str, s
         settings["TI hashes"] = file_hashes(embeddings)
     if model.loras:  # the LoRAs merged into the weights, likewise (the prompt keeps their <lora:...> tags)
         settings["Lora hashes"] = file_hashes(lora for lora, _ in model.loras)
-    return [parameters_text(prompt, negative_prompt, {**settings, "Seed": seed + i})
-            for i, prompt in enumerate(prompts)]
+    if decoder != "vae":  # not an A1111 field: the final picture was decoded by a TAESD (or the linear map)
+        settings["Decoder"] = getattr(decoder, "name", decoder)
+    texts = []
+    for i, prompt in enumerate(prompts):
+        fields = {**settings, "Seed": seed + i}
+        if i in flagged:  # not an A1111 field: this picture is black on purpose
+            fields["Safety checker"] = "blacked out"
+        texts.append(parameters_text(prompt, negative_prompt, fields))
+    return texts
 
 
 def sdxl_size_fields(sizes: SizeConditioning, height: int, width: int, aesthetic: bool) -> dict:

@@ -12,11 +12,12 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
 from sd_scratch.loading import CheckpointError, load_checkpoint, release_weights, save_checkpoint
+from sd_scratch.loading.single_file import DEFAULT_CHECKPOINT
 from sd_scratch.loading.configs import infer_unet_config
 from sd_scratch.tokenizer import WEIGHTS_DIR
 from sd_scratch.unet import UNetConfig
 from small_models import small_sd
-from twins import diffusers_twins, transformers_clip_config
+from twins import diffusers_twins, transformers_clip_config, write_diffusers_folder
 
 
 def sample_inputs(context_dim, vocab=49408, seed=0):
@@ -164,6 +165,20 @@ def test_diffusers_folder_from_save_pretrained(sd1_file, tmp_path):
     ours = outputs(model.text_encoder, model.unet, model.vae, x)
     assert_close(ours, outputs(reference.text_encoder, reference.unet, reference.vae, x), atol=1e-6)
     assert model.tokenizer("a red circle").input_ids[0, :3].tolist() == [49406, 320, 736]
+
+
+def test_a_folder_reads_what_no_shape_tells_from_its_configs(tmp_path):
+    """The shipped tiny model as a diffusers folder: 2 and 1 group-norm groups, a text encoder of 2 heads of 32
+    channels, none of which its tensors' shapes tell (SD's 32 groups and CLIP's heads of 64 would not even build):
+    the folder's config.json files say them, and the folder computes what the single file computes."""
+    write_diffusers_folder(DEFAULT_CHECKPOINT, tmp_path / "tiny", sample_size=16)
+    folder, single = load_checkpoint(tmp_path / "tiny"), load_checkpoint(DEFAULT_CHECKPOINT)
+    assert (folder.unet.config.norm_groups, folder.vae.config.norm_groups, folder.text_encoder.config.heads) == (2, 1, 2)
+    assert (folder.unet.config, folder.vae.config, folder.text_encoder.config) == \
+           (single.unet.config, single.vae.config, single.text_encoder.config)
+    x = sample_inputs(64)
+    assert_close(outputs(folder.text_encoder, folder.unet, folder.vae, x),
+                 outputs(single.text_encoder, single.unet, single.vae, x), atol=0)
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float16, 2e-2), (torch.bfloat16, 1e-1)])

@@ -1,37 +1,21 @@
 """Hugging Face ids as checkpoints (OWNER/NAME, OWNER/NAME/FILE.safetensors), read offline from a cache laid out
 as huggingface_hub lays it out: models--OWNER--NAME/refs/main naming a commit, snapshots/<commit>/ its files."""
 
-import json
 import re
 import shutil
 
 import huggingface_hub
 import pytest
 import torch
-from safetensors.torch import load_file
 from small_models import small_sd
-from transformers import CLIPTokenizer
-from twins import diffusers_twins
+from twins import write_diffusers_folder
 
 from sd_scratch.cli import main
 from sd_scratch.images import read_parameters
 from sd_scratch.loading import CheckpointError, load_checkpoint, save_checkpoint
 from sd_scratch.loading.hub import from_hub, is_hub_id
-from sd_scratch.tokenizer import WEIGHTS_DIR
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def write_diffusers_folder(single_file, folder, fp16=False):
-    """The model of `single_file` as a diffusers folder, written by diffusers' and transformers' save_pretrained."""
-    model = load_checkpoint(single_file)
-    twins = diffusers_twins(load_file(str(single_file)), model.unet.config, model.vae.config,
-                            model.text_encoder.config, sample_size=4)
-    for part, network in [("unet", twins.unet), ("vae", twins.vae), ("text_encoder", twins.text_encoder)]:
-        (network.half() if fp16 else network).save_pretrained(folder / part, variant="fp16" if fp16 else None)
-    (folder / "scheduler").mkdir()
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "epsilon"}))
-    CLIPTokenizer.from_pretrained(str(WEIGHTS_DIR)).save_pretrained(folder / "tokenizer")
 
 
 def cached_snapshot(cache, repo):

@@ -9,6 +9,7 @@ and fill every parameter of theirs is the independent check of our reading of th
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +19,13 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
 )
-from transformers import CLIPTextConfig, CLIPTextModel
+from safetensors.torch import load_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from sd_scratch.loading import load_checkpoint
 from sd_scratch.loading.single_file import CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 from sd_scratch.text_encoder import TextEncoderConfig
+from sd_scratch.tokenizer import WEIGHTS_DIR
 from sd_scratch.unet import UNetConfig
 from sd_scratch.vae import VAEConfig
 
@@ -203,3 +207,15 @@ def sdxl_pipeline_components(original: dict[str, torch.Tensor], model, sample_si
         tokenizer_2=CLIPTokenizer.from_pretrained(str(WEIGHTS_DIR), model_max_length=77, pad_token="!"),
     )
     return components
+
+
+def write_diffusers_folder(single_file, folder, fp16=False, sample_size=4):
+    """The model of `single_file` as a diffusers folder, written by diffusers' and transformers' save_pretrained."""
+    model = load_checkpoint(single_file)
+    twins = diffusers_twins(load_file(str(single_file)), model.unet.config, model.vae.config,
+                            model.text_encoder.config, sample_size=sample_size)
+    for part, network in [("unet", twins.unet), ("vae", twins.vae), ("text_encoder", twins.text_encoder)]:
+        (network.half() if fp16 else network).save_pretrained(folder / part, variant="fp16" if fp16 else None)
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "epsilon"}))
+    CLIPTokenizer.from_pretrained(str(WEIGHTS_DIR)).save_pretrained(folder / "tokenizer")

@@ -20,6 +20,7 @@ import torch
 
 from sd_scratch.conditioning import FOURIER_FEATURES
 from sd_scratch.loading.configs import infer_text_encoder_config, infer_unet_config, infer_vae_config, meta_tensors
+from sd_scratch.loading.int8_file import quantize_while_loading
 from sd_scratch.loading.model import CheckpointError, StableDiffusion
 from sd_scratch.loading.single_file import SDXL_GUIDANCE
 from sd_scratch.loading.strict import build_empty, fill_strictly
@@ -31,10 +32,14 @@ from sd_scratch.unet import UNet
 from sd_scratch.vae import VAE
 
 
-def load_diffusers_folder(folder: Path, device, dtype, prediction_type: str | None) -> StableDiffusion:
+def load_diffusers_folder(folder: Path, device, dtype, prediction_type: str | None,
+                          low_memory: bool = False) -> StableDiffusion:
     """The networks of a diffusers folder, renamed to the original keys and filled strictly, with the
     tokenizers and the noise schedule the folder holds. SDXL's folders have `text_encoder_2/` and
-    `tokenizer_2/` (the refiner's those alone)."""
+    `tokenizer_2/` (the refiner's those alone).
+
+    low_memory: 8-bit weights for the UNet and the text encoders, each quantised as it is read (int8_file.py).
+    """
     text_slots = [slot for slot in ("text_encoder", "text_encoder_2") if (folder / slot).is_dir()]
     for part in ("unet", "vae"):
         if not (folder / part).is_dir():
@@ -84,23 +89,36 @@ def load_diffusers_folder(folder: Path, device, dtype, prediction_type: str | No
     elif heads:
         heads = heads[0] if isinstance(heads, list) else heads
         unet_config = dataclasses.replace(unet_config, num_heads=heads, head_dim=None)
+    if unet_json.get("norm_num_groups"):  # what no shape tells: 32 in every released model, not in ours (tiny)
+        unet_config = dataclasses.replace(unet_config, norm_groups=unet_json["norm_num_groups"])
     vae_config = infer_vae_config(shapes(vae_file, vae_names))
     if vae_json.get("scaling_factor"):
         vae_config = dataclasses.replace(vae_config, scaling_factor=vae_json["scaling_factor"])
-    text_configs = {slot: infer_text_encoder_config(
-        shapes(file, text_names[slot]), _read_json(folder / slot / "config.json").get("hidden_act", "quick_gelu"))
-        for slot, file in text_files.items()}
+    if vae_json.get("norm_num_groups"):
+        vae_config = dataclasses.replace(vae_config, norm_groups=vae_json["norm_num_groups"])
+    text_configs = {}
+    for slot, file in text_files.items():
+        text_json = _read_json(folder / slot / "config.json")
+        text_config = infer_text_encoder_config(shapes(file, text_names[slot]), text_json.get("hidden_act", "quick_gelu"))
+        # the heads and the norms' epsilon, where config.json says (CLIP's: heads of 64 channels, 1e-5)
+        text_configs[slot] = dataclasses.replace(
+            text_config, heads=text_json.get("num_attention_heads") or text_config.heads,
+            layer_norm_eps=text_json.get("layer_norm_eps") or text_config.layer_norm_eps)
 
     sdxl = unet_config.adm_in_channels is not None
     kind = ("SDXL" if "text_encoder" in text_slots else "SDXL refiner") if sdxl else \
         "SD 2.x" if unet_config.context_dim == 1024 else "SD 1.x"
     if unet_config.in_channels == 9:
         kind += " inpainting"
-    unet = fill_strictly(build_empty(UNet, unet_config), "UNet", loaders(unet_file, unet_names), device, dtype,
-                         source, kind)
-    vae = fill_strictly(build_empty(VAE, vae_config), "VAE", loaders(vae_file, vae_names), device, dtype, source, kind)
-    text_encoders = {slot: fill_strictly(build_empty(TextEncoder, text_configs[slot]), slot.replace("_", " "),
-                                         loaders(file, text_names[slot]), device, dtype, source, kind)
+    def filled(network, name, tensor_loaders, quantize):  # with low_memory, the UNet and text encoders 8-bit
+        if quantize:
+            tensor_loaders = quantize_while_loading(network, tensor_loaders)
+        return fill_strictly(network, name, tensor_loaders, device, dtype, source, kind)
+
+    unet = filled(build_empty(UNet, unet_config), "UNet", loaders(unet_file, unet_names), low_memory)
+    vae = filled(build_empty(VAE, vae_config), "VAE", loaders(vae_file, vae_names), False)
+    text_encoders = {slot: filled(build_empty(TextEncoder, text_configs[slot]), slot.replace("_", " "),
+                                  loaders(file, text_names[slot]), low_memory)
                      for slot, file in text_files.items()}
 
     def tokenizer(name):  # the folder's own, else ours; its pad is the folder's own

@@ -32,6 +32,9 @@ from sd_scratch.loading.model import CheckpointError
 from sd_scratch.loading.strict import build_empty, fill_strictly, list_keys
 from sd_scratch.loading.tensor_file import TensorFile
 from sd_scratch.taesd import TAESD, TAESDConfig
+from sd_scratch.tokenizer import WEIGHTS_DIR
+
+TINY_TAESD = WEIGHTS_DIR / "tiny_taesd.safetensors"  # the shipped tiny model's own (tiny/train_taesd.py)
 
 METADATA_KEY = "taesd"  # safetensors metadata entry holding save_taesd's config as JSON
 WHAT_TO_GIVE = ("give taesd_decoder.safetensors (taesdxl_decoder for SDXL), a diffusers AutoencoderTiny folder "

@@ -31,14 +31,13 @@ from pathlib import Path
 import torch
 
 from sd_scratch.loading import load_checkpoint
-from sd_scratch.loading.taesd_file import save_taesd
+from sd_scratch.loading.taesd_file import TINY_TAESD, save_taesd
 from sd_scratch.sample import generate
 from sd_scratch.taesd import TAESD, TAESDConfig
 from sd_scratch.tiny.dataset import make_dataset
 from sd_scratch.tiny.train import Progress, learning_rate
-from sd_scratch.tokenizer import WEIGHTS_DIR
 
-OUTPUT = WEIGHTS_DIR / "tiny_taesd.safetensors"
+OUTPUT = TINY_TAESD
 # SD's TAESD is 64 channels wide with (3, 3, 3, 1) blocks and three upsamples for the 1/8 latents; the tiny
 # VAE's latents are at 1/4 and its decoder only 8 to 32 channels wide, so 16 channels and one level fewer.
 TINY_TAESD = TAESDConfig(width=16, decoder_blocks=(3, 3, 1), encoder_blocks=None)
