@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import CLIPConfig
 from twins import write_diffusers_folder
 
-from sd_scratch.cli import main
+from sd_scratch.cli import main, preview_dtype
 from sd_scratch.images import read_parameters
 from sd_scratch.loading import load_checkpoint
 from sd_scratch.loading.safety_checker_file import load_safety_checker
@@ -49,8 +49,10 @@ def tiny():
 
 def test_approx_and_taesd_previews_are_the_python_api_s(tiny, tmp_path):
     """The strip of --save-intermediates K --preview KIND holds exactly the previews generate(preview=KIND) makes,
-    and the final picture is the VAE's either way."""
-    taesd = load_taesd(TINY_TAESD, latent_channels=4, downsampling_factor=4)
+    and the final picture is the VAE's either way. (The command line's TAESD previews are in bfloat16 on a CPU
+    that computes it natively: cli.preview_dtype.)"""
+    taesd = load_taesd(TINY_TAESD, latent_channels=4, downsampling_factor=4,
+                       dtype=preview_dtype(torch.device("cpu"), torch.float32))
     for kind, decoder in [("approx", "approx"), ("taesd", taesd)]:
         out = tmp_path / kind
         assert main(["--steps", str(STEPS), "--save-intermediates", "2", "--preview", kind, "--outdir", str(out)]) == 0
@@ -66,6 +68,19 @@ def test_approx_and_taesd_previews_are_the_python_api_s(tiny, tmp_path):
         assert np.array_equal(pixels(out / "sample-00000.png"), np.asarray(python.pil_images[0]))
         assert read_parameters(out / "sample-00000-steps.png").endswith(
             f"Preview every: 2 steps, Preview: {'approx' if kind == 'approx' else 'tiny_taesd'}")
+
+
+def test_previews_in_bfloat16_where_the_cpu_has_it_and_close_to_float32(tiny):
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert preview_dtype(torch.device("cpu"), torch.float32) == (torch.bfloat16 if native else torch.float32)
+    assert preview_dtype(torch.device("cpu"), torch.float16) == torch.float16  # a half model: its own dtype
+    assert preview_dtype(torch.device("cuda"), torch.float32) == torch.float32  # GPUs: no need
+    previews = {dtype: generate(tiny, "a red circle on a blue background", steps=STEPS, guidance=3.0, seed=42,
+                                preview_every=2, progress=False,
+                                preview=load_taesd(TINY_TAESD, 4, 4, dtype=dtype)).previews
+                for dtype in (torch.float32, torch.bfloat16)}
+    difference = (torch.cat(previews[torch.float32]) - torch.cat(previews[torch.bfloat16])).abs()
+    assert difference.max() < 0.04 and difference.mean() < 0.004  # measured: 0.018 and 0.0010
 
 
 def test_vae_decoder_taesd_decodes_the_final_picture_and_says_so(tiny, tmp_path):
