@@ -107,6 +107,9 @@ def build_parser() -> ArgumentParser:
                    "(default: auto)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_NAMES,
                    help="weights' precision (default: fp16 on GPU, fp32 on CPU)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="8-bit weights for the UNet and text encoders, quantised as the checkpoint is read, for "
+                        "machines with 4 to 8 GB (a file of python -m sd_scratch.quantize loads 8-bit without it)")
     p.add_argument("--clip-skip", type=int,
                    help="skip the text encoder's last N layers (diffusers' clip_skip; default: the model's)")
     p.add_argument("--embedding", type=Path, action="append", default=[], metavar="PATH",
@@ -477,7 +480,7 @@ def run(args, prompts: list[str]) -> int:
     dtype = dtypes.get(args.dtype) or (torch.float32 if device.type == "cpu" else torch.float16)
     try:
         model = load_checkpoint(args.checkpoint, device=device, dtype=dtype, prediction_type=args.prediction_type,
-                                vae=args.vae)
+                                vae=args.vae, low_memory=args.low_memory)
         check_unet_input(model, inpainting=args.mask is not None or args.outpaint is not None)
         samplers.make_plan(args.sampler, args.steps, spacing=args.spacing, karras=args.karras,
                            schedule_type=args.schedule, eta=args.eta, prediction_type=model.prediction_type,
@@ -642,7 +645,7 @@ def read_refiner(args, model, device, dtype):
     from sd_scratch.sample import check_refiner
 
     try:
-        refiner = load_checkpoint(args.refiner, device=device, dtype=dtype)
+        refiner = load_checkpoint(args.refiner, device=device, dtype=dtype, low_memory=args.low_memory)
         check_refiner(model, refiner, inpainting=False)
     except (CheckpointError, ValueError) as error:
         raise UsageError(f"--refiner: {error}")

@@ -50,6 +50,7 @@ from sd_scratch.loading.embeddings import short_hash
 from sd_scratch.loading.model import CheckpointError, StableDiffusion
 from sd_scratch.loading.strict import list_keys
 from sd_scratch.loading.tensor_file import TensorFile, why_refused
+from sd_scratch.quantize import is_quantized
 
 # network -> (kohya prefix, PEFT prefix), by model family; the network is the model's attribute of that name
 SD_NETWORKS = {"unet": ("lora_unet_", "unet."), "text_encoder": ("lora_te_", "text_encoder.")}
@@ -163,6 +164,7 @@ def load_lora(path: str | Path, model: StableDiffusion) -> Lora:
     path = Path(path)
     if not path.is_file():
         raise LoraError(f"LoRA file not found: {path}")
+    refuse_8_bit(model, path.name)
     try:
         file = TensorFile(path)
     except CheckpointError as error:  # the reader's reason, without its advice about checkpoints
@@ -208,6 +210,14 @@ def load_lora(path: str | Path, model: StableDiffusion) -> Lora:
                             f"({family_by_context(file, grouped, model)})")
         layers.append(LoraLayer(network, module, down, up, alpha))
     return Lora(path.stem, path, tuple(layers))
+
+
+def refuse_8_bit(model: StableDiffusion, name: str) -> None:
+    """A LoRA is merged into float weights; 8-bit ones (quantize.py) would have to be quantised again, its change
+    rounded to their grid (often coarser than the change itself). Refused rather than done badly."""
+    if any(is_quantized(getattr(model, network)) for network in model_networks(model)):
+        raise LoraError(f"{name}: this model's weights are 8-bit (low-memory mode, or a file of sd_scratch.quantize), "
+                        "and a LoRA is merged into float weights: load the float checkpoint to use it")
 
 
 def family_by_names(layers: dict) -> tuple[str | None, str]:
@@ -277,6 +287,8 @@ def apply_loras(model: StableDiffusion, loras: list[tuple[Lora, float]]) -> Appl
     copied; the originals are kept for `remove()`. One set of LoRAs at a time."""
     if model.loras:
         raise ValueError("this model already has LoRAs applied: remove them first (AppliedLoras.remove)")
+    for lora, _ in loras:
+        refuse_8_bit(model, lora.name)
     changes = defaultdict(list)  # (network, module) -> [(layer, multiplier), ...]
     for lora, multiplier in loras:
         for layer in lora.layers:

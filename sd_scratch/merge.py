@@ -55,11 +55,9 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,10 +66,12 @@ import torch
 from tqdm.auto import tqdm
 
 from sd_scratch.cli import finite_float
+from sd_scratch.loading.int8_file import INT8_METADATA_KEY
 from sd_scratch.loading.model import CheckpointError
 from sd_scratch.loading.single_file import IGNORED_KEYS, identify
 from sd_scratch.loading.strict import list_keys
 from sd_scratch.loading.tensor_file import SAFETENSORS_DTYPES, TensorFile
+from sd_scratch.new_file import write_new_file
 
 CHUNK_ELEMENTS = 1 << 20  # elements of a tensor read, merged and written at a time (4 MB of float32)
 KEYS_NAMED = 5  # names an error or a note lists before it says how many more there are
@@ -163,6 +163,9 @@ class Checkpoint:
     def _open_safetensors(self, path: Path, head: bytes) -> None:
         header, data_start = TensorFile.read_header(path, head)
         self.metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+        if INT8_METADATA_KEY in self.metadata:  # averaging q of different scales means nothing
+            raise MergeError(f"{self.role}: {path} holds 8-bit weights (sd_scratch.quantize): merge the float "
+                             "checkpoints, then quantize the merge")
         self.entries = {}
         for key, entry in header.items():
             try:
@@ -404,36 +407,6 @@ def write_tensors(f, inputs: list[Checkpoint], steps: list[Step], alpha: float, 
 APPEARED = "{out} appeared during the merge and was left as it is (--force replaces it)"
 
 
-def write_new_file(out: Path, force: bool, write) -> None:
-    """Call write(f) on a temporary file next to `out`, then give it out's name: never half a file under
-    that name, and never an existing file replaced without `force` (a hard link fails if the name exists)."""
-    handle, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}-", suffix=".part")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp's file is private; the output is an ordinary file
-        if force:
-            os.replace(temporary, out)
-            return
-        try:
-            os.link(temporary, out)
-        except FileExistsError:
-            raise MergeError(APPEARED.format(out=out)) from None
-        except OSError:  # no hard links on this file system: check, then rename
-            if out.exists():
-                raise MergeError(APPEARED.format(out=out)) from None
-            os.replace(temporary, out)
-    finally:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-
-
 def check_output(out: Path, force: bool) -> None:
     if out.suffix != ".safetensors":
         raise MergeError(f"--out {out}: the merged file is written as safetensors: give it a .safetensors name")
@@ -473,7 +446,9 @@ def merge(a: Path, b: Path, out: Path, alpha: float, c: Path | None = None, dtyp
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # see the module's docstring
         try:
-            write_new_file(out, force, write)
+            write_new_file(out, write, replace=force)
+        except FileExistsError:
+            raise MergeError(APPEARED.format(out=out)) from None
         finally:
             torch.set_num_threads(threads)
     except OSError as error:  # a file unreadable or unwritable midway, the disk full: nothing is left written

@@ -45,6 +45,7 @@ from sd_scratch.loading.embeddings import Embedding
 from sd_scratch.loading.tensor_file import free_weights, weights_freed
 from sd_scratch.preview import latent_to_rgb_for
 from sd_scratch.prompts import lora_tags
+from sd_scratch.quantize import is_quantized
 from sd_scratch.safety_checker import SafetyChecker, black_out, blacked_out_message
 from sd_scratch.vae import decode_tiled
 
@@ -303,6 +304,8 @@ def describe(model: StableDiffusion, prompts: list[str], negative_prompt: str, s
         settings["TI hashes"] = file_hashes(embeddings)
     if model.loras:  # the LoRAs merged into the weights, likewise (the prompt keeps their <lora:...> tags)
         settings["Lora hashes"] = file_hashes(lora for lora, _ in model.loras)
+    if is_quantized(model.unet):  # not an A1111 field: the UNet and text encoders computed with 8-bit weights
+        settings["Weights"] = "8-bit"
     if decoder != "vae":  # not an A1111 field: the final picture was decoded by a TAESD (or the linear map)
         settings["Decoder"] = getattr(decoder, "name", decoder)
     texts = []

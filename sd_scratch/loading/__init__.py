@@ -44,13 +44,16 @@ WHERE_WEIGHTS_GO = (
 
 def load_checkpoint(path: str | Path | None = None, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float32, prediction_type: str | None = None,
-                    vae: str | Path | None = None) -> StableDiffusion:
+                    vae: str | Path | None = None, low_memory: bool = False) -> StableDiffusion:
     """Load a single-file checkpoint or a diffusers folder onto `device` in `dtype`.
 
     path: a file or folder, or, when none of that name exists, a Hugging Face id (hub.py); default, the tiny
         model this project ships (weights/tiny_sd.safetensors).
     prediction_type: "epsilon" or "v_prediction", for files that do not say (SD 2.x single files).
     vae: a VAE file or folder to use instead of the checkpoint's own (vae_file.py).
+    low_memory: the UNet's and the text encoders' big layers in 8 bits, each weight quantised as it is read
+        (quantize.py; 1 byte a weight instead of 4). A file written by `python -m sd_scratch.quantize` is 8-bit
+        whatever this says.
     """
     if vae is not None and not Path(vae).exists():  # before the checkpoint's seconds of loading
         raise CheckpointError(f"VAE not found: {vae}")
@@ -61,9 +64,9 @@ def load_checkpoint(path: str | Path | None = None, device: str | torch.device =
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}; {WHERE_WEIGHTS_GO}")
     if path.is_dir():
-        model = load_diffusers_folder(path, device, dtype, prediction_type)
+        model = load_diffusers_folder(path, device, dtype, prediction_type, low_memory=low_memory)
     else:
-        model = load_single_file(path, device, dtype, prediction_type)
+        model = load_single_file(path, device, dtype, prediction_type, low_memory=low_memory)
     if hub_id:
         model.source = hub_id  # not the cache's snapshot folder: the PNG's "Model" is then the repository's name
     if vae is not None:

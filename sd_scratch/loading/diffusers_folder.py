@@ -112,7 +112,7 @@ def load_diffusers_folder(folder: Path, device, dtype, prediction_type: str | No
         kind += " inpainting"
     def filled(network, name, tensor_loaders, quantize):  # with low_memory, the UNet and text encoders 8-bit
         if quantize:
-            tensor_loaders = quantize_while_loading(network, tensor_loaders)
+            tensor_loaders = quantize_while_loading(network, tensor_loaders, device)
         return fill_strictly(network, name, tensor_loaders, device, dtype, source, kind)
 
     unet = filled(build_empty(UNet, unet_config), "UNet", loaders(unet_file, unet_names), low_memory)

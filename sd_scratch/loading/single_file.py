@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 
 from sd_scratch.loading.configs import (infer_text_encoder_config, infer_unet_config, infer_vae_config, meta_tensors,
                                        misfits)
+from sd_scratch.loading.int8_file import INT8_METADATA_KEY, load_int8_file, quantize_while_loading
 from sd_scratch.loading.model import CheckpointError, StableDiffusion
 from sd_scratch.loading.strict import build_empty, fill_strictly, list_keys
 from sd_scratch.loading.tensor_file import TensorFile
@@ -72,11 +73,17 @@ IGNORED_KEYS = re.compile(
 )
 
 
-def load_single_file(path: Path, device, dtype, prediction_type: str | None) -> StableDiffusion:
+def load_single_file(path: Path, device, dtype, prediction_type: str | None, low_memory: bool = False) -> StableDiffusion:
     """The networks of an original single file, each filled strictly. The configs come from the file's
     metadata when sd_scratch wrote it, else from the shapes; the family (SD 1.x, 2.x, SDXL, SDXL refiner)
-    is told by where the text encoders are."""
+    is told by where the text encoders are.
+
+    low_memory: 8-bit weights for the UNet and the text encoders, each quantised as it is read (int8_file.py).
+    An 8-bit file of `python -m sd_scratch.quantize` is recognised by its metadata and loaded as it is.
+    """
     file = TensorFile(path)
+    if INT8_METADATA_KEY in file.metadata:
+        return load_int8_file(file, device, dtype, prediction_type)
     keys = file.keys
     kind = identify(keys, path)
     encoders = TEXT_ENCODERS[kind]
@@ -125,14 +132,20 @@ def load_single_file(path: Path, device, dtype, prediction_type: str | None) -> 
         return {key[len(prefix):]: (lambda key=key: file.get(key, device, dtype))
                 for key in keys if key.startswith(prefix) and not IGNORED_KEYS.match(key)}
 
-    unet = fill_strictly(build_empty(UNet, unet_config), "UNet", loaders(UNET_PREFIX), device, dtype, str(path), kind)
+    unet, unet_loaders = build_empty(UNet, unet_config), loaders(UNET_PREFIX)
+    if low_memory:
+        unet_loaders = quantize_while_loading(unet, unet_loaders, device)
+    unet = fill_strictly(unet, "UNet", unet_loaders, device, dtype, str(path), kind)
     vae = fill_strictly(build_empty(VAE, vae_config), "VAE", loaders(VAE_PREFIX), device, dtype, str(path), kind)
     text_encoders = {}
     for slot, (prefix, layout) in texts.items():
         tensor_loaders = loaders(prefix) if layout == "clip" else openclip_loaders(file, prefix, device, dtype,
                                                                                   keep_projection)
-        text_encoders[slot] = fill_strictly(build_empty(TextEncoder, text_configs[slot]), slot.replace("_", " "),
-                                            tensor_loaders, device, dtype, str(path), kind)
+        encoder = build_empty(TextEncoder, text_configs[slot])
+        if low_memory:
+            tensor_loaders = quantize_while_loading(encoder, tensor_loaders, device)
+        text_encoders[slot] = fill_strictly(encoder, slot.replace("_", " "), tensor_loaders, device, dtype, str(path),
+                                            kind)
 
     sdxl = kind.startswith("SDXL")
     openclip_only = kind.startswith(("SD 2.x", "SDXL refiner"))

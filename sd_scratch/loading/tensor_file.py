@@ -202,6 +202,25 @@ def release_weights(module: nn.Module) -> None:
                     return
 
 
+def release_view(tensor: torch.Tensor) -> None:
+    """Hand back the pages of `tensor` if it is a view of a mapped checkpoint file whose copy has been made (as
+    TensorFile.get does after a cast; int8_file.py after quantising a weight as it is read): the whole pages
+    inside its storage's bytes are dropped, to be read again from the file (or the OS's cache) if touched
+    again. Nothing happens to a tensor of its own memory. Only at load time: MADV_DONTNEED forgets a page
+    written since (release_weights is the one for later)."""
+    if not hasattr(mmap, "MADV_DONTNEED") or tensor.device.type != "cpu":
+        return
+    storage = tensor.untyped_storage()
+    for mapping in _MAPPINGS:
+        offset = storage.data_ptr() - torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()
+        if 0 <= offset < len(mapping):
+            first_page = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the tensor's bytes
+            last_page = min(offset + storage.nbytes(), len(mapping)) // mmap.PAGESIZE * mmap.PAGESIZE
+            if last_page > first_page:
+                mapping.madvise(mmap.MADV_DONTNEED, first_page, last_page - first_page)
+            return
+
+
 def free_weights(module: nn.Module) -> None:
     """Drop `module`'s weights for good: each becomes an empty tensor (the same Parameter, so that whatever refers
     to it stays valid) and its memory, copied or mapped, goes back to the OS once nothing else holds it. For a run that is the last use of a network in this
