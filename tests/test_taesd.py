@@ -137,7 +137,8 @@ def test_own_file_round_trip(tmp_path):
 
 def test_shipped_tiny_taesd_draws_what_the_vae_draws():
     """weights/tiny_taesd.safetensors decodes the tiny model's latents (4 channels at 1/4) to within 28 dB of its
-    VAE's pictures, on pictures of a seed neither trained on (train_taesd.py measured 31 dB on its held-out set)."""
+    VAE's pictures, on pictures of a seed neither trained on (measured: 33.5 dB; train_taesd.py's held-out
+    pictures 33.4 dB)."""
     model = load_checkpoint()
     taesd = load_taesd(OUTPUT, latent_channels=model.vae.config.latent_channels,
                        downsampling_factor=model.vae.config.downsampling_factor)

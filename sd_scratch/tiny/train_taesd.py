@@ -40,7 +40,7 @@ from sd_scratch.tiny.train import Progress, learning_rate
 OUTPUT = TINY_TAESD
 # SD's TAESD is 64 channels wide with (3, 3, 3, 1) blocks and three upsamples for the 1/8 latents; the tiny
 # VAE's latents are at 1/4 and its decoder only 8 to 32 channels wide, so 16 channels and one level fewer.
-TINY_TAESD = TAESDConfig(width=16, decoder_blocks=(3, 3, 1), encoder_blocks=None)
+TINY_CONFIG = TAESDConfig(width=16, decoder_blocks=(3, 3, 1), encoder_blocks=None)
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
     return float(10 * torch.log10(1 / error))
 
 
-def train(settings: Settings, output: Path, config: TAESDConfig = TINY_TAESD) -> dict:
+def train(settings: Settings, output: Path, config: TAESDConfig = TINY_CONFIG) -> dict:
     start = time.perf_counter()
     torch.manual_seed(settings.seed)  # the student's initial weights
     generator = torch.Generator().manual_seed(settings.seed)  # the batches
