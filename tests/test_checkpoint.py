@@ -1,7 +1,10 @@
 """Loading checkpoints: our single-file writer and reader, diffusers' converters as the independent
 check of the original layout, diffusers folders written by save_pretrained, and bad files."""
 
+import ctypes
 import json
+import mmap
+import os
 import pickle
 import sys
 
@@ -208,13 +211,30 @@ def resident_file_bytes() -> int:
     return int(status.split("RssFile:")[1].split()[0]) * 1024
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="MADV_PAGEOUT and /proc/self/status are Linux's")
+def cached_file_bytes(path) -> int:
+    """How much of the file the OS's file cache holds (mincore on a fresh mapping, which touches nothing)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    pages = -(-len(mapping) // mmap.PAGESIZE)
+    resident = (ctypes.c_ubyte * pages)()
+    start = ctypes.c_char.from_buffer(mapping)
+    assert libc.mincore(ctypes.c_void_p(ctypes.addressof(start)), ctypes.c_size_t(len(mapping)), resident) == 0
+    del start
+    mapping.close()
+    return sum(byte & 1 for byte in resident) * mmap.PAGESIZE
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc/self/pagemap and /proc/self/status are Linux's")
 def test_release_weights_hands_back_file_pages_and_keeps_every_value(tmp_path):
     """An fp32 file loaded in fp32 is viewed, not copied. After release_weights the text encoder's
-    pages no longer count against the process, and the weights read back exactly as they were,
-    including one written in place after loading (its page is no longer the file's, so it stays)."""
+    pages no longer count against the process, yet stay in the OS's file cache for the next run, and the
+    weights read back exactly as they were, including one written in place after loading (its page is no
+    longer the file's, so it stays)."""
     text_encoder, unet, vae = small_sd(2)  # a 1024-wide text encoder: its token embedding is 202 MB
     save_checkpoint(tmp_path / "model.safetensors", text_encoder, unet, vae)
+    with open(tmp_path / "model.safetensors", "rb") as f:
+        os.fsync(f.fileno())  # on disk: its cached pages are clean, the kind the OS may evict
     model = load_checkpoint(tmp_path / "model.safetensors", dtype=torch.float32)
     ids = sample_inputs(1024)["ids"]
     embedding = model.text_encoder.text_model.embeddings.token_embedding.weight
@@ -227,6 +247,7 @@ def test_release_weights_hands_back_file_pages_and_keeps_every_value(tmp_path):
         resident_before = resident_file_bytes()
         release_weights(model.text_encoder)
         assert resident_before - resident_file_bytes() > 0.9 * embedding.numel() * 4
+        assert cached_file_bytes(tmp_path / "model.safetensors") > embedding.numel() * 4  # (MADV_PAGEOUT evicted it)
         assert torch.equal(written, expected_written)
         assert torch.equal(embedding.sum(), embedding_sum)
         assert torch.equal(model.text_encoder(ids), before)
