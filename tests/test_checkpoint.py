@@ -7,6 +7,8 @@ import mmap
 import os
 import pickle
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
+from sd_scratch.loading.tensor_file import TensorFile
 from sd_scratch.loading import CheckpointError, load_checkpoint, release_weights, save_checkpoint
 from sd_scratch.loading.single_file import DEFAULT_CHECKPOINT
 from sd_scratch.loading.configs import infer_unet_config
@@ -251,6 +254,32 @@ def test_release_weights_hands_back_file_pages_and_keeps_every_value(tmp_path):
         assert torch.equal(written, expected_written)
         assert torch.equal(embedding.sum(), embedding_sum)
         assert torch.equal(model.text_encoder(ids), before)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="posix_fadvise and mincore as Linux has them")
+def test_prefetch_reads_the_file_into_the_os_cache_without_mapping_it(tmp_path):
+    """load_single_file asks for the text encoders' and the UNet's bytes ahead of their use (TensorFile.prefetch): on
+    a background thread, the file ends up in the OS's cache, and the process's resident memory does not grow."""
+    path = tmp_path / "model.safetensors"
+    save_checkpoint(path, *small_sd(2))
+    size = path.stat().st_size
+    descriptor = os.open(path, os.O_RDONLY)
+    os.fsync(descriptor)
+    os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)  # as after a reboot
+    os.close(descriptor)
+    assert cached_file_bytes(path) < 0.1 * size
+    file = TensorFile(path)
+    resident_before = resident_file_bytes()
+    file.prefetch(file.keys[:3], file.keys[3:])
+    for thread in threading.enumerate():
+        if thread.name == "sd_scratch prefetch":
+            thread.join(timeout=60)
+    for _ in range(100):  # the thread has asked for every byte; the reads themselves may still be under way
+        if cached_file_bytes(path) > 0.9 * size:
+            break
+        time.sleep(0.1)
+    assert cached_file_bytes(path) > 0.9 * size
+    assert resident_file_bytes() - resident_before < 0.05 * size
 
 
 def _metadata(path):

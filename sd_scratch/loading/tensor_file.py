@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import sys
+import threading
 import warnings
 import weakref
 from pathlib import Path
@@ -22,6 +24,8 @@ import torch
 from torch import nn
 
 from sd_scratch.loading.model import CheckpointError
+
+PREFETCH_CHUNK = 128 << 10  # bytes: the smallest read-ahead window Linux ships with (TensorFile.prefetch)
 
 # The element types a .safetensors header names, and the torch dtype of each.
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -144,6 +148,35 @@ class TensorFile:
             return torch.empty(entry["shape"], dtype=dtype)
         return torch.frombuffer(self._map, dtype=dtype, count=(end - begin) // dtype.itemsize,
                                 offset=self._data_start + begin).reshape(entry["shape"])
+
+    def prefetch(self, *groups: list[str]) -> None:
+        """Start reading the bytes of each group of tensors into the OS's file cache, group by group, on a background
+        thread, and return at once. A mapped weight is read from the disk only when first touched, a page fault at
+        a time with a small read-ahead; on a cold start (after a reboot, or once the OS has needed the memory)
+        that made the first UNet step wait for the disk. POSIX_FADV_WILLNEED asks for whole stretches of the file,
+        while the rest of the load and the text encoder work. Nothing is mapped into the process (its resident
+        memory does not grow); pages already cached cost nothing. Measured on SD 1.5's fp32 file with the file
+        cache dropped, reading every UNet weight 1 s after the load took 3.3 to 3.5 s without this and 0.4 to
+        0.5 s with it, and the load 0.6 to 0.75 s instead of 0.35 s (the whole run: whole_run_phases.py --cold)."""
+        if self._pickle is not None or not hasattr(os, "posix_fadvise"):
+            return
+        ranges = []  # (begin, end) in the file, neighbours merged
+        for group in groups:
+            stretches = sorted(tuple(self._data_start + offset for offset in self._entries[key]["data_offsets"])
+                               for key in group)
+            for begin, end in stretches:
+                if ranges and ranges[-1][1] == begin:
+                    ranges[-1] = (ranges[-1][0], end)
+                else:
+                    ranges.append((begin, end))
+
+        def read_ahead():
+            with open(self.path, "rb") as f:
+                for begin, end in ranges:  # Linux reads at most its read-ahead window (128 kB by default) a call
+                    for start in range(begin, end, PREFETCH_CHUNK):
+                        os.posix_fadvise(f.fileno(), start, min(PREFETCH_CHUNK, end - start), os.POSIX_FADV_WILLNEED)
+
+        threading.Thread(target=read_ahead, name="sd_scratch prefetch", daemon=True).start()
 
     def release(self, key: str) -> None:
         """Hand the pages of tensor `key` back to the OS (read again from the file if touched again): for a tensor
