@@ -119,6 +119,11 @@ class TensorFile:
             return tuple(self._pickle[key].shape)
         return tuple(self._entries[key]["shape"])
 
+    def stored_dtype(self, key: str) -> torch.dtype:
+        if self._pickle is not None:
+            return self._pickle[key].dtype
+        return SAFETENSORS_DTYPES[self._entries[key]["dtype"]]
+
     def get(self, key: str, device=None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor `key`, cast to `dtype` (floating-point tensors only) and moved to `device`.
 
