@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import traceback
 import warnings
 from pathlib import Path
 
@@ -447,7 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
+        # Let go of the interrupted run's frames now, so that its progress bar closes (and prints its last state)
+        # before this line rather than at exit, after it.
+        traceback.clear_frames(interrupt.__traceback__)
         print("interrupted: the images already saved are kept, nothing is half-written", file=sys.stderr)
         return 130
     finally:

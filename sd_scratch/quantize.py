@@ -16,7 +16,9 @@ few levels; -128 is left out so that the grid is the same on both sides of zero.
 Only the weights are 8-bit; activations and arithmetic stay in float. Each layer turns its q back into a
 float weight when it is called (`Int8Layer.dequantized_weight`) and lets go of it when it returns, so one
 layer's float weight exists at a time: SD 1.5's UNet holds 0.86 GB instead of 3.44 GB. The price is that
-conversion on every call (benchmarks/results/low_memory.md).
+conversion on every call: about 3.4 GB of float32 written per UNet call (at memory speed, an estimated few
+percent of a 512x512 step), less than the spread between runs in benchmarks/results/low_memory.md (there the
+8-bit runs took 36 to 45 s, float32 47 to 54 s).
 
 Which layers: every Linear and Conv2d of the UNet and the text encoders (the attention projections, the
 feed-forwards, the residual blocks' convolutions, the samplings: all but 0.3% of SD 1.5's UNet weights)

@@ -46,7 +46,7 @@ def describe_with(**options):
     """What sample.describe writes for a PNG (imported here: the reading tests need none of the loop)."""
     from sd_scratch.sample import describe
 
-    model = SimpleNamespace(skip_last_layers=0, source="/checkpoints/small_sd.safetensors", loras=[], vae_file=None)
+    model = SimpleNamespace(skip_last_layers=0, source="/checkpoints/small_sd.safetensors", loras=[], vae_file=None, unet=None)
     settings = dict(steps=4, guidance=5.0, sampler="dpmpp_2m", spacing=None, schedule_type="karras", eta=None,
                     height=24, width=40, skip_last_layers=None, strength=None) | options
     return describe(model, ["a green square on a white background"], "red", 123, **settings)[0]
@@ -312,7 +312,7 @@ def test_a_model_that_skips_a_layer_by_itself_writes_clip_skip_always_and_reads_
     the model's own."""
     from sd_scratch.sample import describe
 
-    sd2 = SimpleNamespace(skip_last_layers=1, source="sd2.safetensors", loras=[], vae_file=None)
+    sd2 = SimpleNamespace(skip_last_layers=1, source="sd2.safetensors", loras=[], vae_file=None, unet=None)
     settings = dict(steps=4, guidance=5.0, sampler="euler", spacing=None, schedule_type="spaced", eta=None,
                     height=24, width=40, strength=None)
     for asked, written in [(None, "Clip skip: 2"), (0, "Clip skip: 1"), (2, "Clip skip: 3")]:

@@ -170,7 +170,7 @@ def test_a_real_sigint_mid_run_leaves_no_traceback_and_no_half_file(checkpoint, 
     run.send_signal(signal.SIGINT)
     _, err = run.communicate(timeout=60)
     assert run.returncode == 130
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted")
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted"), err
     assert not any(tmp_path.iterdir())
 
 
