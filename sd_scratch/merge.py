@@ -70,13 +70,12 @@ from sd_scratch.loading.int8_file import INT8_METADATA_KEY
 from sd_scratch.loading.model import CheckpointError
 from sd_scratch.loading.single_file import IGNORED_KEYS, identify
 from sd_scratch.loading.strict import list_keys
-from sd_scratch.loading.tensor_file import SAFETENSORS_DTYPES, TensorFile
+from sd_scratch.loading.tensor_file import DTYPE_NAMES, SAFETENSORS_DTYPES, TensorFile, safetensors_header
 from sd_scratch.new_file import write_new_file
 
 CHUNK_ELEMENTS = 1 << 20  # elements of a tensor read, merged and written at a time (4 MB of float32)
 KEYS_NAMED = 5  # names an error or a note lists before it says how many more there are
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # --dtype
-DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch dtype -> safetensors' name
 # Constants, not learned weights: copied from A, never averaged. position_ids is an arange that some files
 # store as floats (A1111 skips it too); the rest are the training noise schedule's buffers (A1111 merges only
 # keys containing "model", which leaves them out too).
@@ -283,17 +282,8 @@ def plan(inputs: list[Checkpoint], dtype: torch.dtype | None) -> list[Step]:
 
 
 def header_bytes(steps: list[Step], metadata: dict[str, str]) -> bytes:
-    """The safetensors header: 8 bytes of length, then JSON naming each tensor's dtype, shape and byte range
-    (counted from the end of the header, one tensor after the other), padded with spaces to a multiple of 8."""
-    header, offset = {"__metadata__": metadata}, 0
-    for step in steps:
-        size = step.numel * step.dtype.itemsize
-        header[step.key] = {"dtype": DTYPE_NAMES[step.dtype], "shape": list(step.shape),
-                            "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text
+    """The output's safetensors header (tensor_file.safetensors_header), the tensors in the order they are written."""
+    return safetensors_header(((step.key, step.dtype, step.shape) for step in steps), metadata)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from torch import nn
 
 from sd_scratch.loading.model import CheckpointError, StableDiffusion
 from sd_scratch.loading.strict import build_empty, fill_strictly, list_keys
-from sd_scratch.loading.tensor_file import SAFETENSORS_DTYPES, TensorFile, release_view
+from sd_scratch.loading.tensor_file import TensorFile, release_view, safetensors_header
 from sd_scratch.quantize import layers_to_quantize, quantize_weight, swap_to_int8
 from sd_scratch.schedule import ScheduleConfig
 from sd_scratch.text_encoder import TextEncoder, TextEncoderConfig
@@ -49,7 +49,6 @@ FORMAT_VERSION = 1
 NETWORKS = {"unet": (UNet, UNetConfig), "vae": (VAE, VAEConfig), "text_encoder": (TextEncoder, TextEncoderConfig),
             "text_encoder_2": (TextEncoder, TextEncoderConfig)}
 TOKENIZERS = ("tokenizer", "tokenizer_2")
-DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch dtype -> safetensors' name
 
 
 def quantize_while_loading(network: nn.Module, loaders: dict[str, Callable[[], torch.Tensor]], device) -> dict:
@@ -163,17 +162,10 @@ def int8_file_metadata(model: StableDiffusion, source: str) -> dict[str, str]:
 
 
 def int8_file_header(model: StableDiffusion, source: str) -> bytes:
-    """The safetensors header: 8 bytes of length, then JSON naming each tensor's dtype, shape and byte range
-    (counted from the end of the header, one tensor after the other), padded with spaces to a multiple of 8."""
-    header, offset = {"__metadata__": int8_file_metadata(model, source)}, 0
-    for key, tensor in int8_file_tensors(model).items():
-        size = tensor.numel() * tensor.element_size()
-        header[key] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                       "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text
+    """The safetensors header (tensor_file.safetensors_header) of the file write_int8_file writes."""
+    tensors = int8_file_tensors(model).items()
+    return safetensors_header(((key, tensor.dtype, tensor.shape) for key, tensor in tensors),
+                              int8_file_metadata(model, source))
 
 
 def int8_file_bytes(model: StableDiffusion, source: str) -> int:

@@ -12,6 +12,7 @@ pages back to the OS once a network has done its part of a run.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import sys
@@ -31,6 +32,22 @@ PREFETCH_CHUNK = 128 << 10  # bytes: the smallest read-ahead window Linux ships 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # torch dtype -> safetensors' name
+
+
+def safetensors_header(tensors, metadata: dict[str, str]) -> bytes:
+    """What a .safetensors file starts with, for `tensors` ((name, dtype, shape) in the order their bytes follow):
+    8 bytes of length, then JSON naming each tensor's dtype, shape and byte range (counted from the end of the
+    header, one tensor after the other), padded with spaces to a multiple of 8. (The writers that stream their
+    tensors one at a time, merge.py and int8_file.py, write it by hand; TensorFile.read_header reads it.)"""
+    header, offset = {"__metadata__": metadata}, 0
+    for name, dtype, shape in tensors:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
 
 
 class TensorFile:
@@ -189,10 +206,7 @@ class TensorFile:
         if self._pickle is not None or not hasattr(mmap, "MADV_DONTNEED"):
             return
         begin, end = (self._data_start + offset for offset in self._entries[key]["data_offsets"])
-        first_page = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the tensor's bytes
-        last_page = end // mmap.PAGESIZE * mmap.PAGESIZE
-        if last_page > first_page:
-            self._map.madvise(mmap.MADV_DONTNEED, first_page, last_page - first_page)
+        drop_whole_pages(self._map, begin, end)
 
 
 def why_refused(error: Exception) -> str:
@@ -278,11 +292,17 @@ def release_view(tensor: torch.Tensor) -> None:
     for mapping in _MAPPINGS:
         offset = storage.data_ptr() - torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr()
         if 0 <= offset < len(mapping):
-            first_page = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the tensor's bytes
-            last_page = min(offset + storage.nbytes(), len(mapping)) // mmap.PAGESIZE * mmap.PAGESIZE
-            if last_page > first_page:
-                mapping.madvise(mmap.MADV_DONTNEED, first_page, last_page - first_page)
+            drop_whole_pages(mapping, offset, min(offset + storage.nbytes(), len(mapping)))
             return
+
+
+def drop_whole_pages(mapping: mmap.mmap, begin: int, end: int) -> None:
+    """MADV_DONTNEED on the whole pages inside bytes [begin, end) of `mapping` (a page shared with a neighbouring
+    tensor is kept): unmapped, to be mapped again from the file (or the OS's cache) if touched again."""
+    first_page = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE
+    last_page = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last_page > first_page:
+        mapping.madvise(mmap.MADV_DONTNEED, first_page, last_page - first_page)
 
 
 def free_weights(module: nn.Module) -> None:
