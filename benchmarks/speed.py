@@ -13,8 +13,9 @@ machine is doing slows both alike; each row gives the median and (min-max).
     text     CLIP text encoder on a batch of two prompts (77 tokens each)
 
 For the 512x512 UNet step it also counts the floating-point operations (torch's FlopCounterMode)
-and times a 4096 x 4096 float32 matmul now, on the same threads: operations / matmul rate is the
-time the step would take if every operation ran as fast as a large matmul, a practical floor.
+and times a 4096 x 4096 float32 matmul now, on the same threads (through torch's BLAS and through
+oneDNN, the faster counts): operations / matmul rate is the time the step would take if every
+operation ran as fast as a large matmul, a practical floor.
 Writes benchmarks/results/speed.md.
 """
 
@@ -27,13 +28,20 @@ import time
 from common import FP32_FILE, THREADS, diffusers_models, ratio, summary, time_interleaved, write_table
 
 
-def matmul_rate(repeats: int = 5) -> float:
-    """FLOP/s of a 4096^2 float32 matmul on this machine now (best of `repeats`)."""
+def matmul_rates(repeats: int = 5) -> dict[str, float]:
+    """FLOP/s of a 4096^2 float32 matmul on this machine now (best of `repeats`), through torch's BLAS (`a @ b`:
+    MKL in the x86 wheels) and through oneDNN (layers.Linear's path). MKL takes its fast code only on Intel CPUs,
+    so on an AMD one the machine's rate is oneDNN's."""
     import torch
     a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
-    a @ b
-    best = min(_seconds(lambda: a @ b) for _ in range(repeats))
-    return 2 * 4096**3 / best
+    ways = {"torch's BLAS": lambda: a @ b}
+    if torch.backends.mkldnn.is_available():
+        ways["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    rates = {}
+    for name, way in ways.items():
+        way()
+        rates[name] = 2 * 4096**3 / min(_seconds(way) for _ in range(repeats))
+    return rates
 
 
 def _seconds(run) -> float:
@@ -79,15 +87,18 @@ def main():
             rows.append([f"UNet step, guided (batch 2), {side * 8}x{side * 8}", summary(times["ours"]),
                          summary(times["theirs"]), ratio(times["ours"], times["theirs"]), f"{difference:.0e}"])
             if side == 64:
-                with FlopCounterMode(display=False) as counter:
-                    ours.unet(latents, timestep, context)
+                with FlopCounterMode(display=False) as counter:  # diffusers' (torch's own ops): the same arithmetic,
+                    unet(latents, timestep, encoder_hidden_states=context)  # and ours' oneDNN ops are not counted
                 flops = counter.get_total_flops()
-                rate = matmul_rate()
+                rates = matmul_rates()
+                rate = max(rates.values())
                 floor = flops / rate
+                measured = ", ".join(f"{name} {value / 1e9:.0f} GFLOP/s" for name, value in rates.items())
                 notes.append(
                     f"Floor for the 512x512 step: {flops / 1e12:.2f} TFLOP (FlopCounterMode: convolutions, matmuls, "
-                    f"attention) at {rate / 1e9:.0f} GFLOP/s (a 4096^2 float32 matmul, timed just now) = {floor:.1f} s. "
-                    f"sd_scratch takes {statistics.median(times['ours']) / floor:.2f} x the floor, diffusers "
+                    f"attention) at {rate / 1e9:.0f} GFLOP/s (a 4096^2 float32 matmul, timed just now: {measured}; "
+                    f"the faster counts) = {floor:.1f} s. sd_scratch takes "
+                    f"{statistics.median(times['ours']) / floor:.2f} x the floor, diffusers "
                     f"{statistics.median(times['theirs']) / floor:.2f} x.")
         if "vae" in wanted:
             z = torch.randn(1, 4, 64, 64, generator=g)

@@ -9,7 +9,7 @@ both into float32 on the CPU with 2 threads. Runs alternate (ours, theirs, ours 
 wall time of load + generation, the generation alone, and the process's peak resident set size
 (ru_maxrss: weights, activations, the libraries themselves). Both runs save their image, and the
 script checks that the two pictures agree, so that both sides did the same work.
-Writes benchmarks/results/whole_run.md.
+Writes benchmarks/results/whole_run_<weights>_<size>.md (with _<steps>_steps when not 3).
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def main():
              f"fresh processes each, (min-max). Peak RSS is the process's ru_maxrss; the baseline column is "
              f"the RSS after the imports, before loading. 'As the command line runs it': `generate(..., speed=SpeedAndMemory(free_when_done=True))`, as `python -m sd_scratch.sample` calls it for its last batch (each network's weights freed once done with: the model cannot be used again). Largest difference between the two images: "
              f"{difference:.1e} on the [0, 1] scale.")
-    write_table(f"whole_run_{args.weights}_{args.size}", f"Whole text-to-image run, {args.size}x{args.size}, {args.steps} steps",
+    write_table(f"whole_run_{args.weights}_{args.size}" + (f"_{args.steps}_steps" if args.steps != 3 else ""), f"Whole text-to-image run, {args.size}x{args.size}, {args.steps} steps",
                 ["", "load + generate", "generate", "peak RSS", "RSS after imports"], rows, notes)
 
 
