@@ -38,33 +38,35 @@ def main():
         difference = result.double() - exact
         return f"{difference.pow(2).mean().sqrt():.1e} / {difference.abs().max():.1e}"
 
+    def row(call, ways, exact):
+        """Time torch's way and the other (interleaved), and measure each one's error against `exact`."""
+        (torch_name, torch_way), (other_name, other_way) = ways.items()
+        times = time_interleaved(ways, repeats=args.repeats)
+        ms = {name: [1000 * t for t in values] for name, values in times.items()}
+        rows.append([call, summary(ms[torch_name], "ms", 1), summary(ms[other_name], "ms", 1),
+                     ratio(times[other_name], times[torch_name]), errors(torch_way(), exact),
+                     errors(other_way(), exact)])
+
     rows = []
     # (tokens, in, out): the first level's attention projections, its feed-forward in and out, the 16x16 level's
     for tokens, inner, outer in [(8192, 320, 320), (8192, 320, 2560), (8192, 1280, 320), (512, 1280, 1280)]:
         x = torch.randn(tokens, inner, generator=g)
         w = torch.randn(outer, inner, generator=g) / inner**0.5
-        exact = F.linear(x.double(), w.double())
-        ways = {"torch": lambda x=x, w=w: F.linear(x, w),
-                "oneDNN": lambda x=x, w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")}
-        times = time_interleaved(ways, repeats=args.repeats)
-        ms = {name: [1000 * t for t in values] for name, values in times.items()}
-        rows.append([f"Linear ({tokens} x {inner}) @ ({inner} x {outer})", summary(ms["torch"], "ms", 1),
-                     summary(ms["oneDNN"], "ms", 1), ratio(times["oneDNN"], times["torch"]),
-                     errors(ways["torch"](), exact), errors(ways["oneDNN"](), exact)])
+        row(f"Linear ({tokens} x {inner}) @ ({inner} x {outer})",
+            {"torch": lambda x=x, w=w: F.linear(x, w),
+             "oneDNN": lambda x=x, w=w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")},
+            F.linear(x.double(), w.double()))
     # (channels, side): 3x3 convolutions of each level, batch 2
     for channels, side in [(320, 64), (640, 32), (1280, 16), (1280, 8)]:
         x = torch.randn(2, channels, side, side, generator=g)
         w = torch.randn(channels, channels, 3, 3, generator=g) / (9 * channels) ** 0.5
-        exact = F.conv2d(x.double(), w.double(), padding=1)
+        # oneDNN's blocked layout, made once for this input's shape
         packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), [1, 1], [1, 1], [1, 1], 1, list(x.shape))
-        ways = {"torch": lambda x=x, w=w: F.conv2d(x, w, padding=1),
-                "packed": lambda x=x, packed=packed: torch.ops.mkldnn._convolution_pointwise(
-                    x, packed, None, [1, 1], [1, 1], [1, 1], 1, "none", [], "")}
-        times = time_interleaved(ways, repeats=args.repeats)
-        ms = {name: [1000 * t for t in values] for name, values in times.items()}
-        rows.append([f"3x3 convolution {channels} -> {channels}, {side}x{side}, batch 2", summary(ms["torch"], "ms", 1),
-                     summary(ms["packed"], "ms", 1), ratio(times["packed"], times["torch"]),
-                     errors(ways["torch"](), exact), errors(ways["packed"](), exact)])
+        row(f"3x3 convolution {channels} -> {channels}, {side}x{side}, batch 2",
+            {"torch": lambda x=x, w=w: F.conv2d(x, w, padding=1),
+             "packed": lambda x=x, packed=packed: torch.ops.mkldnn._convolution_pointwise(
+                 x, packed, None, [1, 1], [1, 1], [1, 1], 1, "none", [], "")},  # padding, stride, dilation, groups
+            F.conv2d(x.double(), w.double(), padding=1))
 
     write_table("onednn_paths", "Faster CPU paths not taken: oneDNN matmul, packed convolution weights (float32)",
                 ["call", "torch's way", "the other way", "ratio other/torch", "error, torch's (rms / max)",

@@ -30,8 +30,8 @@ from common import FP32_FILE, THREADS, diffusers_models, ratio, summary, time_in
 
 def matmul_rates(repeats: int = 5) -> dict[str, float]:
     """FLOP/s of a 4096^2 float32 matmul on this machine now (best of `repeats`), through torch's BLAS (`a @ b`:
-    MKL in the x86 wheels) and through oneDNN (layers.Linear's path). MKL takes its fast code only on Intel CPUs,
-    so on an AMD one the machine's rate is oneDNN's."""
+    MKL in the x86 wheels) and through oneDNN (torch.ops.mkldnn._linear_pointwise; onednn_paths.py says why our
+    layers do not use it). MKL takes its fast code only on Intel CPUs, so on an AMD one the faster is oneDNN."""
     import torch
     a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
     ways = {"torch's BLAS": lambda: a @ b}
@@ -87,8 +87,8 @@ def main():
             rows.append([f"UNet step, guided (batch 2), {side * 8}x{side * 8}", summary(times["ours"]),
                          summary(times["theirs"]), ratio(times["ours"], times["theirs"]), f"{difference:.0e}"])
             if side == 64:
-                with FlopCounterMode(display=False) as counter:  # diffusers' (torch's own ops): the same arithmetic,
-                    unet(latents, timestep, encoder_hidden_states=context)  # and ours' oneDNN ops are not counted
+                with FlopCounterMode(display=False) as counter:
+                    ours.unet(latents, timestep, context)
                 flops = counter.get_total_flops()
                 rates = matmul_rates()
                 rate = max(rates.values())

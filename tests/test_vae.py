@@ -173,3 +173,32 @@ def test_full_size_sd_vae_matches_diffusers():
     assert mean.shape == (1, 4, 8, 8)
     assert max_abs_diff(mean, posterior.mean) <= 1e-4
     assert max_abs_diff(logvar, posterior.logvar) <= 1e-4
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_blocks_add_their_residual_in_place_without_touching_their_input(grad):
+    """ResnetBlock and AttnBlock add the residual into their own fresh output (VAE.decode's page faults): the
+    input stays as it was, the result is x + f(x) exactly, and gradients still flow (training the tiny VAE)."""
+    from sd_scratch.vae import AttnBlock, ResnetBlock
+
+    config = VAEConfig(norm_groups=4)
+    x = torch.randn(1, 8, 5, 6, generator=torch.Generator().manual_seed(0))
+    for block in (randomize(ResnetBlock(8, 8, config), seed=1), randomize(ResnetBlock(8, 12, config), seed=2),
+                  randomize(AttnBlock(8, config), seed=3)):
+        inputs = x.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad):
+            out = block(inputs)
+        assert torch.equal(inputs.detach(), x)
+        if isinstance(block, AttnBlock):
+            h = block.norm(x)
+            q, k, v = (t.flatten(2).transpose(1, 2).contiguous().unsqueeze(1) for t in (block.q(h), block.k(h), block.v(h)))
+            attended = torch.nn.functional.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(x.shape)
+            expected = x + block.proj_out(attended)
+        else:
+            silu = torch.nn.functional.silu
+            h = block.conv2(silu(block.norm2(block.conv1(silu(block.norm1(x))))))
+            expected = block.nin_shortcut(x) + h
+        assert torch.equal(out.detach(), expected.detach())
+        if grad:
+            out.sum().backward()
+            assert inputs.grad is not None and inputs.grad.abs().sum() > 0

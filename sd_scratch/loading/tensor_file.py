@@ -38,8 +38,8 @@ DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # tor
 def safetensors_header(tensors, metadata: dict[str, str]) -> bytes:
     """What a .safetensors file starts with, for `tensors` ((name, dtype, shape) in the order their bytes follow):
     8 bytes of length, then JSON naming each tensor's dtype, shape and byte range (counted from the end of the
-    header, one tensor after the other), padded with spaces to a multiple of 8. (The writers that stream their
-    tensors one at a time, merge.py and int8_file.py, write it by hand; TensorFile.read_header reads it.)"""
+    header, one tensor after the other), padded with spaces to a multiple of 8. merge.py and int8_file.py, which
+    stream their tensors one at a time after it, write it with this; TensorFile.read_header reads it."""
     header, offset = {"__metadata__": metadata}, 0
     for name, dtype, shape in tensors:
         size = math.prod(shape) * dtype.itemsize
