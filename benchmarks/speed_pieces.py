@@ -5,10 +5,11 @@
 Full SD 1.5 sizes, float32, CPU, 2 threads, the weights of /tmp/sd15_random.safetensors
 (make_full_size_checkpoint.py writes it).
 
-    unet.Conv2d              a guided UNet step (batch 2) at 512x512 and 256x256, and one 1280 -> 1280
-                             3x3 convolution on 8x8 maps (batch 2), with convolutions over at most
-                             SMALL_CONV_POSITIONS positions kept off oneDNN (as shipped), against
-                             every convolution through oneDNN (SMALL_CONV_POSITIONS = 0)
+    memory.freed_tensors_kept
+                             a guided UNet step (batch 2) at 512x512, and one 1280 -> 1280 3x3 convolution
+                             on 8x8 maps (batch 2), inside freed_tensors_kept (as generate's loop runs them)
+                             and outside it. The context is entered for each call, so each call starts from a
+                             trimmed heap: a loop's later steps, which find the heap already grown, gain more.
     vae.store_channels_last  a 512x512 decode with channels-last weights and activations (VAE.decode,
                              as shipped), against the same decoder on the file's contiguous layout
 
@@ -29,45 +30,36 @@ def main():
 
     import torch
 
-    import sd_scratch.unet as unet_module
     from sd_scratch.loading import load_checkpoint
+    from sd_scratch.memory import freed_tensors_kept
 
     torch.set_num_threads(THREADS)
-    shipped_positions = unet_module.SMALL_CONV_POSITIONS
     model = load_checkpoint(FP32_FILE)
     plain_vae = load_checkpoint(FP32_FILE).vae  # a second copy, never decoded through VAE.decode: contiguous weights
     g = torch.Generator().manual_seed(0)
-    context = torch.randn(2, 77, 768, generator=g)
-    timestep = torch.tensor([500.0, 500.0])
     z = torch.randn(1, 4, 64, 64, generator=g)
+    latents, context = torch.randn(2, 4, 64, 64, generator=g), torch.randn(2, 77, 768, generator=g)
+    timestep = torch.tensor([500.0, 500.0])
+    conv = torch.nn.Conv2d(1280, 1280, 3, padding=1)
+    maps = torch.randn(2, 1280, 8, 8, generator=g)
 
-    def unet_step(positions):  # reads `latents` when called
+    def kept(call, keep):
         def run():
-            unet_module.SMALL_CONV_POSITIONS = positions
-            try:
-                return model.unet(latents, timestep, context)
-            finally:
-                unet_module.SMALL_CONV_POSITIONS = shipped_positions
+            with freed_tensors_kept(torch.device("cpu"), keep=keep):
+                return call()
         return run
 
     rows = []
     with torch.inference_mode():
-        for side in (64, 32):
-            latents = torch.randn(2, 4, side, side, generator=g)
-            difference = (unet_step(shipped_positions)() - unet_step(0)()).abs().max()
-            times = time_interleaved({"on": unet_step(shipped_positions), "off": unet_step(0)}, repeats=args.repeats)
-            rows.append(["unet.Conv2d: small maps off oneDNN", f"UNet step, guided (batch 2), {side * 8}x{side * 8}",
-                         summary(times["on"]), summary(times["off"]), ratio(times["on"], times["off"]),
+        for name, call, repeats, unit in [
+                ("UNet step, guided (batch 2), 512x512", lambda: model.unet(latents, timestep, context), args.repeats, "s"),
+                ("one 1280 -> 1280 3x3 convolution, 8x8, batch 2", lambda: conv(maps), 10 * args.repeats, "ms")]:
+            difference = (kept(call, True)() - kept(call, False)()).abs().max()
+            times = time_interleaved({"on": kept(call, True), "off": kept(call, False)}, repeats=repeats)
+            scale, digits = (1, 2) if unit == "s" else (1000, 1)
+            rows.append(["memory.freed_tensors_kept", name, summary([scale * t for t in times["on"]], unit, digits),
+                         summary([scale * t for t in times["off"]], unit, digits), ratio(times["on"], times["off"]),
                          f"{difference:.0e}"])
-        conv = unet_module.Conv2d(1280, 1280, 3, padding=1)
-        maps = torch.randn(2, 1280, 8, 8, generator=g)
-        difference = (conv(maps) - torch.nn.functional.conv2d(maps, conv.weight, conv.bias, padding=1)).abs().max()
-        times = time_interleaved({"on": lambda: conv(maps),
-                                  "off": lambda: torch.nn.functional.conv2d(maps, conv.weight, conv.bias, padding=1)},
-                                 repeats=10 * args.repeats)
-        rows.append(["unet.Conv2d: small maps off oneDNN", "one 1280 -> 1280 3x3 convolution, 8x8, batch 2",
-                     summary([1000 * t for t in times["on"]], "ms", 1), summary([1000 * t for t in times["off"]], "ms", 1),
-                     ratio(times["on"], times["off"]), f"{difference:.0e}"])
 
         def plain_decode():
             return plain_vae.decoder(plain_vae.post_quant_conv(z))

@@ -5,7 +5,8 @@ each UNet step, the decode, the PNG; with the page faults of each phase.
 
 The run of benchmarks/whole_run.py (512x512, 3 guided euler steps, float32 on 2 threads; ours from the
 single file, diffusers' StableDiffusionPipeline.from_pretrained from the same weights as a folder), each
-side in a fresh process, in turn. Forward hooks on the networks stamp the time and the process's page
+side in a fresh process, in turn, and ours a second time with the loop's freed tensors not kept in malloc's
+heap (SpeedAndMemory(keep_freed_tensors=False)). Forward hooks on the networks stamp the time and the process's page
 faults (ru_minflt, ru_majflt: a major fault read the page from disk) at the start and end of every text
 encoder, UNet and VAE decoder call, so the phases are:
 
@@ -52,13 +53,13 @@ mark("start")
 
 OURS = STAMPS + r"""
 from sd_scratch.loading import load_checkpoint
-from sd_scratch.sample import generate
+from sd_scratch.sample import SpeedAndMemory, generate
 model = load_checkpoint(args["path"], dtype=torch.float32)
 mark("loaded")
 stamp(model.text_encoder, "text"); stamp(model.unet, "unet"); stamp(model.vae.decoder, "decoder")
 mark("call")
 result = generate(model, [args["prompt"]], steps=args["steps"], guidance=7.5, sampler="euler", seed=0,
-                  height=512, width=512, progress=False)
+                  height=512, width=512, progress=False, speed=SpeedAndMemory(keep_freed_tensors=args["keep"]))
 mark("image")
 result.pil_images[0].save(args["out"])
 mark("saved")
@@ -118,14 +119,15 @@ def main():
     args = parser.parse_args()
     folder = diffusers_folder(FILES[args.weights], FOLDERS[args.weights],
                               {"fp16": "float16", "fp32": "float32"}[args.weights])
-    sides = {"sd_scratch": (OURS, str(FILES[args.weights])), "diffusers": (THEIRS, str(folder))}
+    sides = {"sd_scratch": (OURS, str(FILES[args.weights]), True), "diffusers": (THEIRS, str(folder), True),
+             "sd_scratch, not kept": (OURS, str(FILES[args.weights]), False)}
     runs = {name: [] for name in sides}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
-            for name, (code, path) in sides.items():
+            for name, (code, path, keep) in sides.items():
                 if args.cold:
                     drop_caches()
-                arguments = json.dumps(dict(path=path, prompt=PROMPT, steps=args.steps,
+                arguments = json.dumps(dict(path=path, prompt=PROMPT, steps=args.steps, keep=keep,
                                             out=f"{tmp}/{name}-{len(runs[name])}.png"))
                 runs[name].append(phases(run_in_fresh_process(code.replace("THREADS", str(THREADS)), arguments)))
                 print(name, {k: round(v[0], 2) for k, v in runs[name][-1].items()}, flush=True)
@@ -137,14 +139,17 @@ def main():
     for phase in runs["sd_scratch"][0]:
         ours, theirs = median("sd_scratch", phase, 0), median("diffusers", phase, 0)
         faults = [f"{median(name, phase, 1) / 1e3:.0f}k / {median(name, phase, 2) / 1e3:.1f}k" for name in sides]
-        rows.append([phase, f"{ours:.2f} s", f"{theirs:.2f} s", f"{ours / theirs:.2f}", *faults])
+        not_kept = median("sd_scratch, not kept", phase, 0)
+        rows.append([phase, f"{ours:.2f} s", f"{theirs:.2f} s", f"{ours / theirs:.2f}", f"{not_kept:.2f} s", *faults])
     notes = (f"512x512, {args.steps} euler steps with guidance 7.5, {args.weights} weights on disk loaded into float32, "
              f"{THREADS} threads; medians of {args.repeats} fresh processes per side, in turn"
              f"{', the file cache dropped before each' if args.cold else ''}. Faults: minor / major page faults "
-             "of the phase, in thousands (a major fault reads its page from disk).")
+             "of the phase, in thousands (a major fault reads its page from disk). 'Not kept': ours with "
+             "`SpeedAndMemory(keep_freed_tensors=False)`, glibc's malloc left as it is during the loop.")
     write_table(f"whole_run_phases_{args.weights}{'_cold' if args.cold else ''}",
                 f"Whole 512x512 run, phase by phase ({args.weights} weights{', cold file cache' if args.cold else ''})",
-                ["phase", "sd_scratch", "diffusers", "ratio", "faults, ours", "faults, diffusers"], rows, notes)
+                ["phase", "sd_scratch", "diffusers", "ratio", "ours, not kept", "faults, ours", "faults, diffusers",
+                 "faults, ours not kept"], rows, notes)
 
 
 if __name__ == "__main__":

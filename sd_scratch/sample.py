@@ -43,6 +43,7 @@ from sd_scratch.images import paste_back as paste_images_back
 from sd_scratch.loading import StableDiffusion, release_weights
 from sd_scratch.loading.embeddings import Embedding
 from sd_scratch.loading.tensor_file import free_weights, weights_freed
+from sd_scratch.memory import freed_tensors_kept
 from sd_scratch.preview import latent_to_rgb_for
 from sd_scratch.prompts import lora_tags
 from sd_scratch.quantize import is_quantized
@@ -61,12 +62,15 @@ class SpeedAndMemory:
         the run is done with it (the text encoders after the prompts, the UNet after the loop), copies included,
         which the usual release (file pages only) cannot hand back. Weights cast from an fp16 file are copies:
         this keeps a full-size SDXL run from holding 14 GB through its decode. The model cannot run again.
+    keep_freed_tensors: on the CPU with glibc, the loop's freed tensors stay in malloc's heap for the next step
+        instead of going back to the OS and being faulted in again (memory.freed_tensors_kept).
     """
 
     attention_slices: int = 1
     tiled_decode: bool = False
     compile_unet: bool = False
     free_when_done: bool = False
+    keep_freed_tensors: bool = True
 
 
 @dataclass
@@ -225,29 +229,30 @@ def generate(model: StableDiffusion, prompts: str | list[str], negative_prompt: 
     # 4. The denoising loop; with SDXL's refiner twice: the base's steps, then the refiner's (its UNet, its
     #    conditioning, the sampler's history started afresh)
     previews = []
-    for expert, unet, conditionings, plan in zip(experts, unets, schedules, plans):
-        latents, state = latents.to(expert.device, expert.dtype), samplers.initial_state(plan)
-        for i, t in enumerate(tqdm(plan.timesteps, disable=not progress, desc=sampler)):
-            conditioning = conditionings.at(samplers.step_of_call(plan, i))  # prompt editing: this step's prompt
-            model_input = samplers.scale_model_input(plan, i, latents)
-            if sees_mask:  # the inpainting UNet's input: the latents, the mask, the latents of the holed picture
-                model_input = torch.cat([model_input, repaint, hole_latents], dim=1)
-            if guided:
-                model_input = torch.cat([model_input] * 2)  # (2B, C, h, w): the uncond and cond halves
-                noise_uncond, noise_cond = unet(model_input, t, conditioning.context, conditioning.vector).chunk(2)
-                noise_pred = classifier_free_guidance(noise_uncond, noise_cond, guidance)
-            else:
-                noise_uncond, noise_pred = None, unet(model_input, t, conditioning.context, conditioning.vector)
-            if preview_every and (i + 1) % preview_every == 0:
-                x0 = samplers.predicted_x0(plan, i, latents, noise_pred)
-                previews.append(decode_with(expert, x0, preview, speed.tiled_decode))
-                if on_preview is not None:
-                    on_preview(i, previews[-1])  # e.g. a notebook's live view
-            latents, state = samplers.step(plan, i, latents, noise_pred, state, generators, noise_uncond)
-            if puts_back:  # what is kept, put back at the noise level of the next call (clean after the last)
-                kept = samplers.add_noise(plan, clean, noise, i + 1).to(latents.dtype)
-                latents = (1 - repaint) * kept + repaint * latents
-        release(expert.unet, speed)
+    with freed_tensors_kept(model.device, speed.keep_freed_tensors):  # the same sizes every step: reused
+        for expert, unet, conditionings, plan in zip(experts, unets, schedules, plans):
+            latents, state = latents.to(expert.device, expert.dtype), samplers.initial_state(plan)
+            for i, t in enumerate(tqdm(plan.timesteps, disable=not progress, desc=sampler)):
+                conditioning = conditionings.at(samplers.step_of_call(plan, i))  # prompt editing: this step's prompt
+                model_input = samplers.scale_model_input(plan, i, latents)
+                if sees_mask:  # the inpainting UNet's input: the latents, the mask, the latents of the holed picture
+                    model_input = torch.cat([model_input, repaint, hole_latents], dim=1)
+                if guided:
+                    model_input = torch.cat([model_input] * 2)  # (2B, C, h, w): the uncond and cond halves
+                    noise_uncond, noise_cond = unet(model_input, t, conditioning.context, conditioning.vector).chunk(2)
+                    noise_pred = classifier_free_guidance(noise_uncond, noise_cond, guidance)
+                else:
+                    noise_uncond, noise_pred = None, unet(model_input, t, conditioning.context, conditioning.vector)
+                if preview_every and (i + 1) % preview_every == 0:
+                    x0 = samplers.predicted_x0(plan, i, latents, noise_pred)
+                    previews.append(decode_with(expert, x0, preview, speed.tiled_decode))
+                    if on_preview is not None:
+                        on_preview(i, previews[-1])  # e.g. a notebook's live view
+                latents, state = samplers.step(plan, i, latents, noise_pred, state, generators, noise_uncond)
+                if puts_back:  # what is kept, put back at the noise level of the next call (clean after the last)
+                    kept = samplers.add_noise(plan, clean, noise, i + 1).to(latents.dtype)
+                    latents = (1 - repaint) * kept + repaint * latents
+            release(expert.unet, speed)
 
     # 5. Latents -> pixels -> PIL images, by the VAE of the model that took the last step (or a TAESD)
     images = decode_with(expert, latents, decoder, speed.tiled_decode)

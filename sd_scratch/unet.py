@@ -26,8 +26,7 @@ conditioning vector (pooled text and image sizes, `conditioning.py`) onto the ti
 every residual block hears it too. The refiner: four levels of 384 x (1, 2, 4, 4), transformers 4 deep at
 the middle two levels and in the middle block, a 1280-wide context.
 
-The convolutions are `Conv2d`: nn.Conv2d with a speed-up on the CPU for small maps, defined after the
-network at the end of the file, with what it buys. `UNet.set_attention_slices` trades speed for memory.
+`UNet.set_attention_slices` trades speed for memory.
 """
 
 from __future__ import annotations
@@ -101,15 +100,15 @@ class ResBlock(nn.Module):
         super().__init__()
         # SiLU in place: it overwrites the group norm's fresh output instead of allocating another tensor.
         self.in_layers = nn.Sequential(
-            GroupNorm32(groups, channels), nn.SiLU(inplace=True), Conv2d(channels, out_channels, 3, padding=1)
+            GroupNorm32(groups, channels), nn.SiLU(inplace=True), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(time_embed_dim, out_channels))  # not in place: time_emb is shared
         self.out_layers = nn.Sequential(
             GroupNorm32(groups, out_channels), nn.SiLU(inplace=True), nn.Dropout(0.0),
-            Conv2d(out_channels, out_channels, 3, padding=1)
+            nn.Conv2d(out_channels, out_channels, 3, padding=1)
         )
         # A 1x1 convolution matches the channel count of the shortcut when the block changes width.
-        self.skip_connection = Conv2d(channels, out_channels, 1) if channels != out_channels else nn.Identity()
+        self.skip_connection = nn.Conv2d(channels, out_channels, 1) if channels != out_channels else nn.Identity()
 
     def forward(self, x: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
@@ -195,14 +194,14 @@ class SpatialTransformer(nn.Module):
         if use_linear_projection:
             self.proj_in = nn.Linear(channels, inner_dim)
         else:
-            self.proj_in = Conv2d(channels, inner_dim, 1)
+            self.proj_in = nn.Conv2d(channels, inner_dim, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner_dim, heads, head_dim, context_dim) for _ in range(depth)
         )
         if use_linear_projection:
             self.proj_out = nn.Linear(inner_dim, channels)
         else:
-            self.proj_out = Conv2d(inner_dim, channels, 1)
+            self.proj_out = nn.Conv2d(inner_dim, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         _, _, height, width = x.shape
@@ -225,7 +224,7 @@ class SpatialTransformer(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.op = Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -234,7 +233,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         # Nearest-neighbour to the size of the skip connection that comes next: twice the input,
@@ -283,7 +282,7 @@ class UNet(nn.Module):
                                       c.use_linear_projection, c.norm_groups)
 
         # The way down: remember the width of every block's output, each becomes a skip connection.
-        self.input_blocks = nn.ModuleList([Block([Conv2d(c.in_channels, c.model_channels, 3, padding=1)])])
+        self.input_blocks = nn.ModuleList([Block([nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1)])])
         skip_channels = [c.model_channels]
         ch = c.model_channels
         last_level = len(c.channel_mult) - 1
@@ -314,7 +313,7 @@ class UNet(nn.Module):
                 self.output_blocks.append(Block(layers))
 
         self.out = nn.Sequential(
-            GroupNorm32(c.norm_groups, ch), nn.SiLU(), Conv2d(ch, c.out_channels, 3, padding=1)
+            GroupNorm32(c.norm_groups, ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1)
         )
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor,
@@ -356,37 +355,3 @@ class UNet(nn.Module):
         for module in self.modules():
             if isinstance(module, Attention):
                 module.slices = slices
-
-
-# --------------------------------------------------------------------------------------------------
-# Speed: the network's convolutions, with oneDNN skipped where it costs more than it saves
-
-# On the CPU, convolutions over at most this many positions (batch x height x width) skip oneDNN
-# (see Conv2d): SD's guided batch of 2 on the 16x16 and 8x8 levels of a 512x512 image.
-SMALL_CONV_POSITIONS = 2 * 16 * 16
-
-
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d, except that on the CPU a small input is convolved by PyTorch's own im2col + GEMM.
-
-    oneDNN, torch's usual CPU convolution, first rewrites the weight into its own blocked layout, on
-    every call. That costs in proportion to the weight (in x out x 3 x 3), the arithmetic in
-    proportion to the weight times the output positions, so on the UNet's deepest levels (1280
-    channels, 8x8 latent pixels for a 512 image, 4x4 for 256) the rewrite costs more than the
-    convolution. With more positions (a larger batch or map) oneDNN is the faster. The same sums in
-    another order. What it buys, float32, 2 threads (benchmarks/speed_pieces.py): a 1280 -> 1280
-    convolution on 8x8, batch 2, takes 27 ms against oneDNN's 37 ms on an AMD EPYC (22 against 44 ms
-    on the Intel Xeon it was first measured on); a guided SD 1.5 step at 256x256, 2.47 s against
-    2.81 s (0.88); at 512x512, where the small maps are a smaller share of the work, the same (1.01).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        positions = x.shape[0] * x.shape[-2] * x.shape[-1]
-        if x.device.type != "cpu" or positions > SMALL_CONV_POSITIONS or torch.compiler.is_compiling():
-            return super().forward(x)
-        enabled = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = False
-        try:
-            return super().forward(x)
-        finally:
-            torch.backends.mkldnn.enabled = enabled

@@ -168,20 +168,84 @@ def test_compiled_unet_gives_the_same_images(small_checkpoint):
     assert (compiled - plain).abs().max() <= 1e-4
 
 
-@torch.no_grad()
-@pytest.mark.parametrize("side", [4, 16, 17, 32])
-def test_small_map_convolution_equals_onednn_and_restores_the_flag(side):
-    """unet.Conv2d takes torch's own path on inputs of at most SMALL_CONV_POSITIONS: the same convolution."""
-    from sd_scratch.unet import SMALL_CONV_POSITIONS, Conv2d
+# --------------------------------------------------------------------------------------------------
+# The loop's freed tensors kept in malloc's heap (memory.freed_tensors_kept)
 
-    assert SMALL_CONV_POSITIONS == 2 * 16 * 16
-    conv = randomize(Conv2d(64, 48, 3, padding=1), seed=3)
-    x = torch.randn(2, 64, side, side, generator=torch.Generator().manual_seed(4))
-    expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)  # oneDNN, as torch does by default
-    assert torch.backends.mkldnn.enabled
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        result = conv(x)
-    used_onednn = any(event.name == "aten::mkldnn_convolution" for event in profile.events())
-    assert used_onednn == (2 * side * side > SMALL_CONV_POSITIONS)  # batch 2
-    assert (result - expected).abs().max() <= 1e-5
-    assert torch.backends.mkldnn.enabled  # switched off for the call only
+KEPT_PROBE = r"""
+import json, resource, sys
+import torch
+from sd_scratch.memory import freed_tensors_kept
+
+def faults_of_a_fresh_tensor():
+    '''Page faults taken to fill a new 256 MB tensor, freed at once (as the loop's tensors are).'''
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(64 * 2**20)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+keep = sys.argv[1] == "keep"
+out = {"before": [faults_of_a_fresh_tensor() for _ in range(2)]}
+with freed_tensors_kept(torch.device("cpu"), keep=keep):
+    out["inside"] = [faults_of_a_fresh_tensor() for _ in range(4)]
+    with freed_tensors_kept(torch.device("cpu"), keep=keep):  # a second loop at once (another thread's)
+        pass
+    out["inside, after the second loop"] = [faults_of_a_fresh_tensor() for _ in range(2)]
+    out["resident inside"] = resident()
+out["resident after"] = resident()
+out["after"] = [faults_of_a_fresh_tensor() for _ in range(2)]
+print(json.dumps(out))
+"""
+PAGES_OF_256_MB = 256 * 2**20 // __import__("resource").getpagesize()
+
+
+def kept_probe(keep: bool, **environment) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", KEPT_PROBE, "keep" if keep else "no"], capture_output=True,
+                         text=True, env={**os.environ, **environment}, check=True)
+    return json.loads(out.stdout)
+
+
+def glibc_only():
+    from sd_scratch.memory import glibc_malloc
+
+    return pytest.mark.skipif(glibc_malloc() is None, reason="a setting of glibc's malloc")
+
+
+@glibc_only()
+def test_freed_tensors_kept_are_reused_without_page_faults_and_handed_back_after():
+    probe = kept_probe(keep=True)
+    # Outside: each 256 MB tensor is fresh pages from the OS, every one of them faulted in.
+    assert min(probe["before"] + probe["after"]) >= 0.9 * PAGES_OF_256_MB
+    # Inside: the first one or two come from the heap's new top (a block freed a moment ago can be a few bytes
+    # short of the 64-byte aligned one asked for next), then they are reused; a second loop ending leaves it on.
+    assert max(probe["inside"][2:] + probe["inside, after the second loop"]) <= 0.01 * PAGES_OF_256_MB
+    # Leaving gives back what the heap kept.
+    assert probe["resident inside"] - probe["resident after"] >= 0.9 * 256 * 2**20
+
+
+@glibc_only()
+@pytest.mark.parametrize("how", ["keep=False", "MALLOC_MMAP_THRESHOLD_ set by the user"])
+def test_freed_tensors_kept_does_nothing_when_told_or_when_malloc_was_tuned(how):
+    probe = (kept_probe(keep=False) if how == "keep=False"
+             else kept_probe(keep=True, MALLOC_MMAP_THRESHOLD_=str(128 * 1024)))
+    assert min(probe["inside"] + probe["inside, after the second loop"]) >= 0.9 * PAGES_OF_256_MB
+
+
+def test_keeping_freed_tensors_computes_the_same_images(small_checkpoint):
+    from sd_scratch.loading import load_checkpoint
+    from sd_scratch.sample import SpeedAndMemory, generate
+
+    model = load_checkpoint(small_checkpoint)
+    settings = dict(steps=3, seed=5, height=32, width=48, progress=False)
+    kept = generate(model, ["a red circle", "a blue square"], **settings).images  # kept: the default
+    not_kept = generate(model, ["a red circle", "a blue square"], speed=SpeedAndMemory(keep_freed_tensors=False),
+                        **settings).images
+    assert kept.std() > 0.05
+    assert torch.equal(kept, not_kept)
