@@ -24,6 +24,7 @@ tensors each step frees for the next step, instead of handing it to the OS and f
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import sys
@@ -105,8 +106,10 @@ def gigabytes(n: int) -> str:
 # glibc's malloc hands a request above its mmap threshold fresh pages of their own from the OS and gives
 # them back when the block is freed; the threshold starts at 128 kB and slides up, as such blocks are
 # freed, to at most 32 MB (on 64-bit). The UNet allocates and frees the same tensors at every step, many
-# above 32 MB at 512x512 (the feed-forward's 84 MB GEGLU input, with guidance), and the kernel faults in
-# and zeroes each of their pages again, step after step: measured, 230 thousand page faults a 512x512 step.
+# above 32 MB at 512x512 (the feed-forward's 84 MB GEGLU input, with guidance; oneDNN's 59 MB copy of a
+# 1280-channel convolution's weights in its own layout, made at every call), and the kernel faults in
+# and zeroes each of their pages again, step after step: 0.8 to 1 million page faults a guided 512x512 step
+# without what follows, 10 to 140 thousand with it (benchmarks/results/whole_run_phases_fp32.md).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 GLIBC_LARGEST_SLIDING_THRESHOLD = 32 * 1024 * 1024
 LOOP_MMAP_THRESHOLD = 1024 * 1024 * 1024
@@ -116,6 +119,7 @@ _loops_running = 0
 _loops_lock = threading.Lock()
 
 
+@functools.cache
 def glibc_malloc() -> ctypes.CDLL | None:
     """The process's C library when it is glibc (whose malloc the settings below are for), else None."""
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
