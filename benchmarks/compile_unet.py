@@ -29,7 +29,7 @@ from pathlib import Path
 from common import FP32_FILE, THREADS, run_in_fresh_process, write_table
 
 CHILD = r"""
-import json, os, resource, sys, time
+import json, resource, sys, time
 import numpy as np, torch
 torch.set_num_threads(THREADS)
 from sd_scratch.loading import load_checkpoint

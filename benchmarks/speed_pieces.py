@@ -51,12 +51,13 @@ def main():
 
     rows = []
     with torch.inference_mode():
-        for name, call, repeats, unit in [
-                ("UNet step, guided (batch 2), 512x512", lambda: model.unet(latents, timestep, context), args.repeats, "s"),
-                ("one 1280 -> 1280 3x3 convolution, 8x8, batch 2", lambda: conv(maps), 10 * args.repeats, "ms")]:
+        for name, call, repeats, (unit, scale, digits) in [  # (unit, seconds to unit, digits) for the table
+                ("UNet step, guided (batch 2), 512x512", lambda: model.unet(latents, timestep, context), args.repeats,
+                 ("s", 1, 2)),
+                ("one 1280 -> 1280 3x3 convolution, 8x8, batch 2", lambda: conv(maps), 10 * args.repeats,
+                 ("ms", 1000, 1))]:
             difference = (kept(call, True)() - kept(call, False)()).abs().max()
             times = time_interleaved({"on": kept(call, True), "off": kept(call, False)}, repeats=repeats)
-            scale, digits = (1, 2) if unit == "s" else (1000, 1)
             rows.append(["memory.freed_tensors_kept", name, summary([scale * t for t in times["on"]], unit, digits),
                          summary([scale * t for t in times["off"]], unit, digits), ratio(times["on"], times["off"]),
                          f"{difference:.0e}"])

@@ -43,7 +43,7 @@ loaded = time.perf_counter()
 images = generate(model, [args["prompt"]], steps=args["steps"], guidance=7.5, sampler="euler", seed=0,
                   height=args["size"], width=args["size"], progress=False,
                   speed=SpeedAndMemory(free_when_done=args["free_when_done"],
-                                       keep_freed_tensors=args.get("keep_freed_tensors", True))).images
+                                       keep_freed_tensors=args["keep_freed_tensors"])).images
 done = time.perf_counter()
 np.save(args["out"], images[0].permute(1, 2, 0).numpy())
 print(json.dumps(dict(total=done - start, load=loaded - start, generate=done - loaded, baseline=baseline,
@@ -86,9 +86,11 @@ def main():
     folder = diffusers_folder(FILES[args.weights], FOLDERS[args.weights], {"fp16": "float16", "fp32": "float32"}[args.weights])
 
     sides = {
-        "sd_scratch (single file)": (OURS, dict(path=str(FILES[args.weights]), free_when_done=False)),
+        "sd_scratch (single file)": (OURS, dict(path=str(FILES[args.weights]), free_when_done=False,
+                                                keep_freed_tensors=True)),
         "diffusers (from_pretrained)": (THEIRS, dict(path=str(folder))),
-        "sd_scratch, as the command line runs it": (OURS, dict(path=str(FILES[args.weights]), free_when_done=True)),
+        "sd_scratch, as the command line runs it": (OURS, dict(path=str(FILES[args.weights]), free_when_done=True,
+                                                               keep_freed_tensors=True)),
         "sd_scratch, the loop's freed tensors not kept": (OURS, dict(path=str(FILES[args.weights]), free_when_done=False,
                                                                      keep_freed_tensors=False)),
     }

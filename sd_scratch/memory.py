@@ -113,8 +113,8 @@ def gigabytes(n: int) -> str:
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 GLIBC_LARGEST_SLIDING_THRESHOLD = 32 * 1024 * 1024
 LOOP_MMAP_THRESHOLD = 1024 * 1024 * 1024
-_GLIBC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_",
-                   "GLIBC_TUNABLES")
+MALLOC_TUNING_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_",
+                           "GLIBC_TUNABLES")  # the environment through which a user tunes glibc's malloc
 _loops_running = 0
 _loops_lock = threading.Lock()
 
@@ -143,7 +143,7 @@ def freed_tensors_kept(device: torch.device, keep: bool = True):
     """
     global _loops_running
     libc = glibc_malloc() if keep and device.type == "cpu" else None
-    if libc is None or any(name in os.environ for name in _GLIBC_SETTINGS):
+    if libc is None or any(name in os.environ for name in MALLOC_TUNING_VARIABLES):
         yield
         return
     with _loops_lock:  # loops in several threads at once: the first in sets, the last out restores

@@ -1,9 +1,16 @@
 """The speed and memory options: each gives the picture it promises, and the default layout change is invisible."""
 
+import json
+import os
+import resource
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from small_models import VAE_SMALL, randomize
+from sd_scratch.memory import glibc_malloc
 from sd_scratch.unet import UNet, UNetConfig
 from sd_scratch.vae import VAE, decode_tiled, ramp, store_channels_last, tile_starts
 
@@ -198,27 +205,20 @@ out["resident after"] = resident()
 out["after"] = [faults_of_a_fresh_tensor() for _ in range(2)]
 print(json.dumps(out))
 """
-PAGES_OF_256_MB = 256 * 2**20 // __import__("resource").getpagesize()
+PAGES_OF_256_MB = 256 * 2**20 // resource.getpagesize()
 
 
 def kept_probe(keep: bool, **environment) -> dict:
-    import json
-    import os
-    import subprocess
-    import sys
-
+    """KEPT_PROBE's findings, in a process of its own (its allocator's state is the probe's alone)."""
     out = subprocess.run([sys.executable, "-c", KEPT_PROBE, "keep" if keep else "no"], capture_output=True,
                          text=True, env={**os.environ, **environment}, check=True)
     return json.loads(out.stdout)
 
 
-def glibc_only():
-    from sd_scratch.memory import glibc_malloc
-
-    return pytest.mark.skipif(glibc_malloc() is None, reason="a setting of glibc's malloc")
+glibc_only = pytest.mark.skipif(glibc_malloc() is None, reason="a setting of glibc's malloc")
 
 
-@glibc_only()
+@glibc_only
 def test_freed_tensors_kept_are_reused_without_page_faults_and_handed_back_after():
     probe = kept_probe(keep=True)
     # Outside: each 256 MB tensor is fresh pages from the OS, every one of them faulted in.
@@ -230,7 +230,7 @@ def test_freed_tensors_kept_are_reused_without_page_faults_and_handed_back_after
     assert probe["resident inside"] - probe["resident after"] >= 0.9 * 256 * 2**20
 
 
-@glibc_only()
+@glibc_only
 @pytest.mark.parametrize("how", ["keep=False", "MALLOC_MMAP_THRESHOLD_ set by the user"])
 def test_freed_tensors_kept_does_nothing_when_told_or_when_malloc_was_tuned(how):
     probe = (kept_probe(keep=False) if how == "keep=False"
