@@ -12,10 +12,11 @@ machine is doing slows both alike; each row gives the median and (min-max).
     VAE      decode of one 64x64 latent to a 512x512 image
     text     CLIP text encoder on a batch of two prompts (77 tokens each)
 
-For the 512x512 UNet step it also counts the floating-point operations (torch's FlopCounterMode)
-and times a 4096 x 4096 float32 matmul now, on the same threads (through torch's BLAS and through
-oneDNN, the faster counts): operations / matmul rate is the time the step would take if every
-operation ran as fast as a large matmul, a practical floor.
+For the 512x512 UNet step and the decode it also counts the floating-point operations (torch's
+FlopCounterMode) and times a 4096 x 4096 float32 matmul now, on the same threads (through torch's BLAS
+and through oneDNN, the faster counts): operations / matmul rate is the time the call would take if every
+operation ran as fast as a large matmul, a practical floor. For the decode each side's own count: ours
+does fewer operations (vae.Upsample convolves the small image).
 Writes benchmarks/results/speed.md.
 """
 
@@ -44,6 +45,25 @@ def matmul_rates(repeats: int = 5) -> dict[str, float]:
     return rates
 
 
+def matmul_rate(rates: dict[str, float]) -> float:
+    """The faster of matmul_rates(), timed on the first call and kept in `rates` for the next."""
+    if not rates:
+        rates.update(matmul_rates())
+    return max(rates.values())
+
+
+def measured_rates(rates: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value / 1e9:.0f} GFLOP/s" for name, value in rates.items())
+
+
+def counted_flops(call) -> int:
+    """Floating-point operations of one call, as torch's FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        call()
+    return counter.get_total_flops()
+
+
 def _seconds(run) -> float:
     start = time.perf_counter()
     run()
@@ -61,7 +81,6 @@ def main():
     wanted = set(args.only.split(","))
 
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from sd_scratch.loading import load_checkpoint
 
@@ -73,7 +92,7 @@ def main():
     timestep = torch.tensor([500.0, 500.0])
     ids = ours.tokenizer(["a photograph of an astronaut riding a horse", ""]).input_ids
 
-    rows, notes = [], []
+    rows, notes, rates = [], [], {}  # rates: matmul GFLOP/s, timed once when first needed
     with torch.inference_mode():
         for name, side in [("unet512", 64), ("unet256", 32)]:
             if name not in wanted:
@@ -87,17 +106,13 @@ def main():
             rows.append([f"UNet step, guided (batch 2), {side * 8}x{side * 8}", summary(times["ours"]),
                          summary(times["theirs"]), ratio(times["ours"], times["theirs"]), f"{difference:.0e}"])
             if side == 64:
-                with FlopCounterMode(display=False) as counter:
-                    ours.unet(latents, timestep, context)
-                flops = counter.get_total_flops()
-                rates = matmul_rates()
-                rate = max(rates.values())
+                flops = counted_flops(lambda: ours.unet(latents, timestep, context))
+                rate = matmul_rate(rates)
                 floor = flops / rate
-                measured = ", ".join(f"{name} {value / 1e9:.0f} GFLOP/s" for name, value in rates.items())
                 notes.append(
                     f"Floor for the 512x512 step: {flops / 1e12:.2f} TFLOP (FlopCounterMode: convolutions, matmuls, "
-                    f"attention) at {rate / 1e9:.0f} GFLOP/s (a 4096^2 float32 matmul, timed just now: {measured}; "
-                    f"the faster counts) = {floor:.1f} s. sd_scratch takes "
+                    f"attention) at {rate / 1e9:.0f} GFLOP/s (a 4096^2 float32 matmul, timed just now: "
+                    f"{measured_rates(rates)}; the faster counts) = {floor:.1f} s. sd_scratch takes "
                     f"{statistics.median(times['ours']) / floor:.2f} x the floor, diffusers "
                     f"{statistics.median(times['theirs']) / floor:.2f} x.")
         if "vae" in wanted:
@@ -107,6 +122,14 @@ def main():
                                      repeats=args.repeats_vae)
             rows.append(["VAE decode, 64x64 latent -> 512x512", summary(times["ours"]), summary(times["theirs"]),
                          ratio(times["ours"], times["theirs"]), f"{difference:.0e}"])
+            ours_flops, their_flops = counted_flops(lambda: ours.vae.decode(z)), counted_flops(lambda: vae.decode(z))
+            rate = matmul_rate(rates)
+            notes.append(
+                f"The decode: sd_scratch {ours_flops / 1e12:.2f} TFLOP, diffusers {their_flops / 1e12:.2f} TFLOP "
+                f"(vae.Upsample convolves the small image); at {rate / 1e9:.0f} GFLOP/s ({measured_rates(rates)}) "
+                f"floors of {ours_flops / rate:.1f} s and {their_flops / rate:.1f} s. sd_scratch takes "
+                f"{statistics.median(times['ours']) / (ours_flops / rate):.2f} x its floor, diffusers "
+                f"{statistics.median(times['theirs']) / (their_flops / rate):.2f} x its own.")
         if "text" in wanted:
             difference = (ours.text_encoder(ids) - clip(ids).last_hidden_state).abs().max()
             times = time_interleaved({"ours": lambda: ours.text_encoder(ids), "theirs": lambda: clip(ids)},

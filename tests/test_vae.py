@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from sd_scratch.loading.configs import infer_vae_config
-from sd_scratch.vae import VAE, VAEConfig
+from sd_scratch.vae import VAE, Upsample, VAEConfig
 from small_models import randomize
 from twins import vae_twin
 
@@ -202,3 +202,54 @@ def test_blocks_add_their_residual_in_place_without_touching_their_input(grad):
         if grad:
             out.sum().backward()
             assert inputs.grad is not None and inputs.grad.abs().sum() > 0
+
+
+def enlarged_then_convolved(upsample: Upsample, x: torch.Tensor) -> torch.Tensor:
+    """The upsample as the original writes it: nearest-neighbour to twice the size, then the 3x3 convolution."""
+    return upsample.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+def test_upsample_from_the_small_image_is_the_same_sum(channels_last):
+    """vae.Upsample convolves the small image with 2x2 kernels of summed taps, one per kind of output pixel.
+    In float64 that is the enlarged image's 3x3 convolution to the last bits, gradients included, for odd
+    sizes and a batch; the output keeps the input's memory layout."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    upsample = randomize(Upsample(6), seed=0).double()
+    x = torch.randn(2, 6, 5, 7, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = x.to(memory_format=layout).requires_grad_()
+    out = upsample(x)
+    assert out.shape == (2, 6, 10, 14) and out.is_contiguous(memory_format=layout)
+    expected = enlarged_then_convolved(upsample, x)
+    assert expected.abs().mean() > 0.1  # not a comparison of near-zeros
+    assert (out - expected).abs().max() <= 1e-13
+
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grads = torch.autograd.grad(out, [x, *upsample.parameters()], upstream)
+    expected_grads = torch.autograd.grad(expected, [x, *upsample.parameters()], upstream)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert (grad - expected_grad).abs().max() <= 1e-12 * expected_grad.abs().max()
+
+
+@torch.no_grad()
+def test_upsample_from_the_small_image_rounds_no_worse_in_float32():
+    """Fewer products per output (4 x 4 instead of 9 per input channel): against float64, float32's rounding
+    error is smaller than the enlarged image's way, in both memory layouts."""
+    upsample = randomize(Upsample(64), seed=3)
+    x = torch.randn(1, 64, 32, 32, generator=torch.Generator().manual_seed(4))
+    exact = enlarged_then_convolved(upsample.double(), x.double())
+    upsample.float()
+    for layout in (torch.contiguous_format, torch.channels_last):
+        inputs = x.to(memory_format=layout)
+        ours = (upsample(inputs).double() - exact).pow(2).mean().sqrt()
+        original = (enlarged_then_convolved(upsample, inputs).double() - exact).pow(2).mean().sqrt()
+        assert 0 < ours <= original
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@torch.no_grad()
+def test_upsample_in_16_bits_makes_the_enlarged_image(dtype):
+    """Summed taps would be rounded to 11 (8) bits: in 16-bit formats the upsample is computed as written."""
+    upsample = randomize(Upsample(8), seed=5).to(dtype)
+    x = torch.randn(1, 8, 6, 9, generator=torch.Generator().manual_seed(6)).to(dtype)
+    assert torch.equal(upsample(x), enlarged_then_convolved(upsample, x))
