@@ -142,14 +142,15 @@ class Upsample(nn.Module):
 
         conv3x3(upsample(x))[2i + a, 2j + b] = conv2x2(x, kernel_ab)[i + a, j + b]   (x padded by 1)
 
-    The same sum, grouped differently: 4 x 4 products per input channel and output pixel pair where
-    the 3x3 convolution of the enlarged image does 4 x 9. For SD's decoder this saves 0.38 of the 2.48
-    TFLOP at 512x512, and the enlarged image (268 MB at the last upsample) is never held. Rounding
-    is no worse for it: fewer terms are summed (float32 against a float64 computation, 256 channels
-    256 -> 512: rms error 2.4e-7 against 5.0e-7 the other way; benchmarks/speed_pieces.py). That holds
-    where the convolution multiplies in float32 or wider, as on the CPU. In 16-bit formats, and in the
-    TF32 that CUDA's convolutions use for float32, each summed tap would first be rounded to 11 (or 8)
-    bits, an error of its own (float16: rms 2.5e-4 against 2.0e-4): there the enlarged image is made.
+    The same sum, grouped differently: per input channel, a 2x2 block of output pixels takes 4 x 4
+    products, where the 3x3 convolution of the enlarged image takes 4 x 9. For SD's decoder at 512x512
+    this saves 0.38 of the 2.48 TFLOP, and the enlarged image (268 MB at the last upsample) is never
+    held. Rounding is no worse for it: fewer terms are summed (float32 against a float64 computation,
+    256 channels 256 -> 512: rms error 2.4e-7 against 5.0e-7 the other way; benchmarks/speed_pieces.py).
+    That holds where the convolution multiplies in float32 or wider, as on the CPU. In 16-bit formats,
+    and in the TF32 that CUDA's convolutions use for float32, each summed tap would first be rounded to
+    11 (or 8) bits, an error of its own (float16: rms 2.5e-4 against 2.0e-4): there the enlarged image
+    is made.
     """
 
     def __init__(self, channels: int):
