@@ -124,12 +124,13 @@ def main():
                          ratio(times["ours"], times["theirs"]), f"{difference:.0e}"])
             ours_flops, their_flops = counted_flops(lambda: ours.vae.decode(z)), counted_flops(lambda: vae.decode(z))
             rate = matmul_rate(rates)
+            ours_floor, their_floor = ours_flops / rate, their_flops / rate
             notes.append(
                 f"The decode: sd_scratch {ours_flops / 1e12:.2f} TFLOP, diffusers {their_flops / 1e12:.2f} TFLOP "
                 f"(vae.Upsample convolves the small image); at {rate / 1e9:.0f} GFLOP/s ({measured_rates(rates)}) "
-                f"floors of {ours_flops / rate:.1f} s and {their_flops / rate:.1f} s. sd_scratch takes "
-                f"{statistics.median(times['ours']) / (ours_flops / rate):.2f} x its floor, diffusers "
-                f"{statistics.median(times['theirs']) / (their_flops / rate):.2f} x its own.")
+                f"floors of {ours_floor:.1f} s and {their_floor:.1f} s. sd_scratch takes "
+                f"{statistics.median(times['ours']) / ours_floor:.2f} x its floor, diffusers "
+                f"{statistics.median(times['theirs']) / their_floor:.2f} x its own.")
         if "text" in wanted:
             difference = (ours.text_encoder(ids) - clip(ids).last_hidden_state).abs().max()
             times = time_interleaved({"ours": lambda: ours.text_encoder(ids), "theirs": lambda: clip(ids)},

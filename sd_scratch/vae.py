@@ -159,19 +159,23 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype.itemsize < 4:
-            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+            return self.convolve_enlarged(x)
         batch, _, height, width = x.shape
         layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         out = torch.empty(batch, self.conv.out_channels, 2 * height, 2 * width, dtype=x.dtype, device=x.device,
                           memory_format=layout)
-        weight = self.conv.weight
         for a in (0, 1):
-            rows = taps_seen_by(weight, a, dim=2)
+            taps_of_row_a = taps_seen_by(self.conv.weight, a, dim=2)  # 3 rows of taps -> the 2 that row a sees
             for b in (0, 1):
-                kernel = taps_seen_by(rows, b, dim=3).contiguous(memory_format=layout)
+                # Laid out as the activations are, as store_channels_last lays out the decoder's weights.
+                kernel = taps_seen_by(taps_of_row_a, b, dim=3).contiguous(memory_format=layout)
                 # padding=1 gives (height + 1) x (width + 1) outputs; this kind of pixel starts at (a, b).
                 out[:, :, a::2, b::2] = F.conv2d(x, kernel, self.conv.bias, padding=1)[:, :, a:a + height, b:b + width]
         return out
+
+    def convolve_enlarged(self, x: torch.Tensor) -> torch.Tensor:
+        """The upsample as the original writes it: the enlarged image, then its 3x3 convolution."""
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def taps_seen_by(kernel: torch.Tensor, phase: int, dim: int) -> torch.Tensor:

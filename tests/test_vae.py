@@ -204,11 +204,6 @@ def test_blocks_add_their_residual_in_place_without_touching_their_input(grad):
             assert inputs.grad is not None and inputs.grad.abs().sum() > 0
 
 
-def enlarged_then_convolved(upsample: Upsample, x: torch.Tensor) -> torch.Tensor:
-    """The upsample as the original writes it: nearest-neighbour to twice the size, then the 3x3 convolution."""
-    return upsample.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
 def test_upsample_from_the_small_image_is_the_same_sum(channels_last):
     """vae.Upsample convolves the small image with 2x2 kernels of summed taps, one per kind of output pixel.
@@ -220,7 +215,7 @@ def test_upsample_from_the_small_image_is_the_same_sum(channels_last):
     x = x.to(memory_format=layout).requires_grad_()
     out = upsample(x)
     assert out.shape == (2, 6, 10, 14) and out.is_contiguous(memory_format=layout)
-    expected = enlarged_then_convolved(upsample, x)
+    expected = upsample.convolve_enlarged(x)
     assert expected.abs().mean() > 0.1  # not a comparison of near-zeros
     assert (out - expected).abs().max() <= 1e-13
 
@@ -237,12 +232,12 @@ def test_upsample_from_the_small_image_rounds_no_worse_in_float32():
     error is smaller than the enlarged image's way, in both memory layouts."""
     upsample = randomize(Upsample(64), seed=3)
     x = torch.randn(1, 64, 32, 32, generator=torch.Generator().manual_seed(4))
-    exact = enlarged_then_convolved(upsample.double(), x.double())
+    exact = upsample.double().convolve_enlarged(x.double())
     upsample.float()
     for layout in (torch.contiguous_format, torch.channels_last):
         inputs = x.to(memory_format=layout)
         ours = (upsample(inputs).double() - exact).pow(2).mean().sqrt()
-        original = (enlarged_then_convolved(upsample, inputs).double() - exact).pow(2).mean().sqrt()
+        original = (upsample.convolve_enlarged(inputs).double() - exact).pow(2).mean().sqrt()
         assert 0 < ours <= original
 
 
@@ -252,4 +247,4 @@ def test_upsample_in_16_bits_makes_the_enlarged_image(dtype):
     """Summed taps would be rounded to 11 (8) bits: in 16-bit formats the upsample is computed as written."""
     upsample = randomize(Upsample(8), seed=5).to(dtype)
     x = torch.randn(1, 8, 6, 9, generator=torch.Generator().manual_seed(6)).to(dtype)
-    assert torch.equal(upsample(x), enlarged_then_convolved(upsample, x))
+    assert torch.equal(upsample(x), upsample.convolve_enlarged(x))
